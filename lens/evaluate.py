@@ -1,0 +1,266 @@
+"""Evaluation: per-problem results -> accuracy, pass@k and bootstrap confidence intervals.
+
+Model-free statistics (this section) turn per-problem sample counts into a JSON summary:
+
+* ``acc``      mean over problems of c/n (the mean accuracy of the n samples drawn per problem);
+* ``pass@k``   mean over problems of the unbiased estimator 1 - C(n-c, k)/C(n, k) (Chen et al. 2021,
+               "Evaluating Large Language Models Trained on Code"), reported for the k <= n (the smallest
+               n when problems have different n);
+* ``*_ci``     percentile-bootstrap intervals over PROBLEMS: the problems are resampled with replacement
+               (B resamples, one index matrix [B, P] drawn from ``numpy.random.default_rng``) and the
+               metric is recomputed on each resample. They express how much the number would move with a
+               different draw of problems of the same kind; they do not include the variance of training
+               (seeds) - run several seeds for that.
+
+Summary layout (``summarize``)::
+
+    {"overall": {"n_problems", "samples_per_problem", "n_samples", "acc", "acc_ci": [lo, hi],
+                 "pass@k": {"1": v, ...}, "pass@k_ci": {"1": [lo, hi], ...},
+                 "greedy_acc", "greedy_acc_ci"   (only when greedy results exist)},
+     "levels": {"1": {same fields}, ...},          (levels present, ascending)
+     "metrics": {"eval/acc", "eval/acc_level_{L}", "eval/pass_at_{k}", "eval/greedy_acc"},  (flat floats)
+     "config": {"ks", "bootstrap_samples", "confidence", "seed"},
+     "problems": [ProblemResult.to_dict(), ...]}
+
+Metric names in ``metrics`` use ``pass_at_{k}`` rather than ``pass@{k}``: MLflow rejects ``@`` in metric
+names. The nested ``overall``/``levels`` blocks keep the ``pass@k`` spelling.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# ---- statistics (model-free) -------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    Computed in the numerically stable product form 1 - prod_{i=n-c+1}^{n} (1 - k/i) (Codex paper).
+    Raises ValueError unless 0 <= c <= n and 1 <= k <= n.
+    """
+    try:
+        n, c, k = operator.index(n), operator.index(c), operator.index(k)
+    except TypeError as exc:
+        raise ValueError(f"pass_at_k needs integers, got n={n!r}, c={c!r}, k={k!r}") from exc
+    if n < 1:
+        raise ValueError(f"pass_at_k: n must be >= 1, got {n}")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: c must satisfy 0 <= c <= n={n}, got {c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: k must satisfy 1 <= k <= n={n}, got {k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+@dataclass
+class ProblemResult:
+    """Outcome of evaluating one problem: ``correct`` of ``n`` samples were right.
+
+    ``greedy_correct`` is 1/0 for the greedy (temperature 0) completion, None when not evaluated.
+    """
+
+    id: str
+    level: int
+    n: int
+    correct: int
+    greedy_correct: int | None = None
+
+    def __post_init__(self) -> None:
+        self.id = str(self.id)
+        self.level = operator.index(self.level)
+        self.n = operator.index(self.n)
+        self.correct = operator.index(self.correct)
+        if self.n < 1:
+            raise ValueError(f"problem {self.id}: n must be >= 1, got {self.n}")
+        if not 0 <= self.correct <= self.n:
+            raise ValueError(f"problem {self.id}: correct must be in [0, n={self.n}], got {self.correct}")
+        if self.greedy_correct is not None:
+            self.greedy_correct = int(operator.index(self.greedy_correct))
+            if self.greedy_correct not in (0, 1):
+                raise ValueError(f"problem {self.id}: greedy_correct must be 0, 1 or None, "
+                                 f"got {self.greedy_correct}")
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.n
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProblemResult:
+        """Inverse of ``to_dict``; keys other than the fields (e.g. added later) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def bootstrap_means(values: np.ndarray, bootstrap_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Means of ``values`` [P, M] over B problem resamples -> [B, M].
+
+    One index matrix [B, P] is drawn, so all M columns share the same resamples (pairing). The means
+    are computed from per-resample counts (counts @ values / P), which needs B*P integers of memory
+    rather than B*P*M floats.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[:, None]
+    p = values.shape[0]
+    if p == 0:
+        raise ValueError("bootstrap over zero problems")
+    b = int(bootstrap_samples)
+    if b < 1:
+        raise ValueError(f"bootstrap_samples must be >= 1, got {bootstrap_samples}")
+    idx = rng.integers(0, p, size=(b, p))
+    flat = (idx + (np.arange(b, dtype=np.int64) * p)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=b * p).reshape(b, p).astype(np.float64)
+    return counts @ values / p
+
+
+def percentile_ci(boot: np.ndarray, point: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of bootstrap draws ``boot`` [B, M] at ``confidence``.
+
+    The bounds are widened, if needed, to contain ``point`` (only matters for degenerate or rounding-level
+    cases; a percentile interval of a mean practically always contains it).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    tail = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(boot, [tail, 1.0 - tail], axis=0)
+    point = np.asarray(point, dtype=np.float64)
+    return np.minimum(lo, point), np.maximum(hi, point)
+
+
+def _scope_rng(seed: int, scope: int) -> np.random.Generator:
+    """A generator per reported scope (0: overall, L: level L), so adding a level changes no other CI."""
+    return np.random.default_rng([int(seed), int(scope)])
+
+
+def _normalise_ks(ks: Iterable[int]) -> list[int]:
+    out = sorted({operator.index(k) for k in ks})
+    if any(k < 1 for k in out):
+        raise ValueError(f"ks must be >= 1, got {out}")
+    return out
+
+
+def _scope_summary(results: Sequence[ProblemResult], ks: list[int], bootstrap_samples: int,
+                   confidence: float, rng: np.random.Generator) -> dict[str, Any]:
+    ns = [r.n for r in results]
+    n_min = min(ns)
+    ks_used = [k for k in ks if k <= n_min]
+    # columns: acc, pass@k for each k in ks_used
+    cols = [[r.acc for r in results]]
+    cols += [[pass_at_k(r.n, r.correct, k) for r in results] for k in ks_used]
+    values = np.asarray(cols, dtype=np.float64).T  # [P, M]
+    point = values.mean(axis=0)
+    boot = bootstrap_means(values, bootstrap_samples, rng)
+    lo, hi = percentile_ci(boot, point, confidence)
+
+    out: dict[str, Any] = {
+        "n_problems": len(results),
+        "samples_per_problem": n_min,
+        "n_samples": int(sum(ns)),
+        "acc": float(point[0]),
+        "acc_ci": [float(lo[0]), float(hi[0])],
+        "pass@k": {str(k): float(point[i + 1]) for i, k in enumerate(ks_used)},
+        "pass@k_ci": {str(k): [float(lo[i + 1]), float(hi[i + 1])] for i, k in enumerate(ks_used)},
+    }
+    if max(ns) != n_min:
+        out["samples_per_problem_max"] = max(ns)
+    greedy = np.asarray([r.greedy_correct for r in results if r.greedy_correct is not None], dtype=np.float64)
+    if greedy.size:
+        g_point = greedy.mean(keepdims=True)
+        g_lo, g_hi = percentile_ci(bootstrap_means(greedy, bootstrap_samples, rng), g_point, confidence)
+        out["greedy_acc"] = float(g_point[0])
+        out["greedy_acc_ci"] = [float(g_lo[0]), float(g_hi[0])]
+        if greedy.size != len(results):
+            out["greedy_n_problems"] = int(greedy.size)
+    return out
+
+
+def summarize(results: Sequence[ProblemResult], ks: Iterable[int] = (1, 2, 4, 8, 16),
+              bootstrap_samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Accuracy, pass@k and bootstrap CIs, overall and per level (see the module docstring for the layout).
+
+    Deterministic for a given ``seed``. Raises ValueError on an empty result list or duplicate ids.
+    """
+    results = [r if isinstance(r, ProblemResult) else ProblemResult.from_dict(r) for r in results]
+    if not results:
+        raise ValueError("summarize: no results")
+    ids = [r.id for r in results]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"summarize: duplicate problem ids, e.g. {dupes}")
+    ks_list = _normalise_ks(ks)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+    overall = _scope_summary(results, ks_list, bootstrap_samples, confidence, _scope_rng(seed, 0))
+    levels: dict[str, Any] = {}
+    for level in sorted({r.level for r in results}):
+        subset = [r for r in results if r.level == level]
+        levels[str(level)] = _scope_summary(subset, ks_list, bootstrap_samples, confidence,
+                                            _scope_rng(seed, level))
+
+    metrics: dict[str, float] = {"eval/acc": overall["acc"]}
+    for level, block in levels.items():
+        metrics[f"eval/acc_level_{level}"] = block["acc"]
+    for k, v in overall["pass@k"].items():
+        metrics[f"eval/pass_at_{k}"] = v
+    if "greedy_acc" in overall:
+        metrics["eval/greedy_acc"] = overall["greedy_acc"]
+
+    return {
+        "overall": overall,
+        "levels": levels,
+        "metrics": metrics,
+        "config": {"ks": ks_list, "bootstrap_samples": int(bootstrap_samples),
+                   "confidence": float(confidence), "seed": int(seed)},
+        "problems": [r.to_dict() for r in results],
+    }
+
+
+def problem_results(summary: dict[str, Any]) -> list[ProblemResult]:
+    """The per-problem results stored in a summary (``summary["problems"]``)."""
+    return [ProblemResult.from_dict(d) for d in summary.get("problems", [])]
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_eval(path: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
+    """Write a summary as JSON (atomically; NaN/inf raise ValueError). Returns the path."""
+    return atomic_write_text(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+
+
+def read_eval(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a summary written by ``write_eval``."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
