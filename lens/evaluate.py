@@ -264,3 +264,60 @@ def read_eval(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a summary written by ``write_eval``."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+# ---- evaluation of a policy (model-driven) -------------------------------------------------------
+
+
+def evaluate_policy(params, model_path: str | Path, problems, engine=None) -> dict[str, Any]:
+    """Sample `eval.samples_per_problem` completions per problem, verify them, and summarize per level.
+
+    Uses the rollout engine the profile names (the same code path as training rollouts), with the eval
+    section's temperature/top-p/max tokens and a fixed seed, so two policies see identical sampling
+    noise streams. With `eval.greedy` it also records greedy (T=0) correctness per problem.
+    """
+    import time
+
+    from lens.data import render_prompt
+    from lens.models import load_policy
+    from lens.rollout import SamplingConfig, make_engine
+    from lens.verify import Verifier
+
+    ev = params.eval
+    model, tokenizer = load_policy(params, model_path)
+    own_engine = engine is None
+    engine = engine or make_engine(params, model, tokenizer)
+    prompts = [render_prompt(p, tokenizer, params.model.chat_template) for p in problems]
+    golds = [p.answer for p in problems]
+    t0 = time.perf_counter()
+    try:
+        with Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers) as verifier:
+            n = ev.samples_per_problem
+            sampling = SamplingConfig(temperature=ev.temperature, top_p=ev.top_p,
+                                      max_new_tokens=ev.max_new_tokens, seed=params.run.seed)
+            rollouts = engine.generate(prompts, n, sampling)
+            rewards = verifier.score_batch([r.text for r in rollouts], [golds[r.prompt_index] for r in rollouts])
+            correct = [0] * len(problems)
+            for r, reward in zip(rollouts, rewards):
+                correct[r.prompt_index] += int(reward)
+            greedy = [None] * len(problems)
+            if ev.greedy:
+                greedy_rollouts = engine.generate(prompts, 1, SamplingConfig(
+                    max_new_tokens=ev.max_new_tokens, greedy=True))
+                greedy_rewards = verifier.score_batch([r.text for r in greedy_rollouts],
+                                                      [golds[r.prompt_index] for r in greedy_rollouts])
+                for r, reward in zip(greedy_rollouts, greedy_rewards):
+                    greedy[r.prompt_index] = int(reward)
+            verify_stats = verifier.stats.as_dict()
+    finally:
+        if own_engine:
+            engine.close()
+    results = [ProblemResult(id=p.id, level=p.level, n=n, correct=c, greedy_correct=g)
+               for p, c, g in zip(problems, correct, greedy)]
+    summary = summarize(results, ks=ev.ks, bootstrap_samples=ev.bootstrap_samples,
+                        confidence=ev.confidence, seed=params.run.seed)
+    summary["verify"] = verify_stats
+    summary["seconds"] = time.perf_counter() - t0
+    summary["sampling"] = {"temperature": ev.temperature, "top_p": ev.top_p, "max_new_tokens": ev.max_new_tokens,
+                           "samples_per_problem": n}
+    return summary

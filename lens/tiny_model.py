@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import pre_tokenizers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -25,20 +25,26 @@ MAX_POSITIONS = 128
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character of string.printable (plus the three special tokens); no BOS.
 
+    Why byte-level BPE without merges instead of a WordLevel model: transformers 5 forces
+    `AutoTokenizer` to `Qwen2Tokenizer` for any directory whose config says model_type "qwen2", and that
+    class rebuilds the tokenizer as byte-level BPE from the saved vocab/merges, discarding a custom
+    pre-tokenizer and decoder. A byte-level BPE with an empty merge list *is* a character tokenizer for
+    ASCII, and it survives that rebuild unchanged, so the tokenizer we train with is exactly the one
+    `AutoTokenizer` (and vLLM) load. Characters outside the vocabulary are dropped, never mapped to unk.
     Left padding because the tokenizer's main consumer after training is batched generation.
     """
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in dict.fromkeys(string.printable + "\n"):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    # "[\s\S]" rather than "." so that newlines are split too (Oniguruma has no (?s) group option).
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()  # concatenate: no spaces between characters
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD_TOKEN,
-        eos_token=EOS_TOKEN,
+        ((symbol, _),) = byte_level.pre_tokenize_str(ch)  # e.g. " " -> "\u0120", "\n" -> "\u010a"
+        vocab[symbol] = len(vocab)
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
         unk_token=UNK_TOKEN,
+        bos_token=None,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
         padding_side="left",
         clean_up_tokenization_spaces=False,
         model_max_length=MAX_POSITIONS,

@@ -1,0 +1,149 @@
+"""`lens <command> [--profile NAME] [--algo grpo|lens] [key.path=value ...]`: the stages from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from lens.params import ParamsError, flatten, load_params
+
+COMMANDS = {
+    "prepare": "load and normalise the profile's train/eval problems",
+    "warm-start": "build and supervise the tiny model so RL has a start (tiny profile)",
+    "train": "RL-train with GRPO or LENS (--algo), checkpointing; --resume continues a killed run",
+    "evaluate": "per-level accuracy and pass@k of a trained policy (--algo or --model)",
+    "compare": "GRPO vs LENS per level with paired-bootstrap confidence intervals",
+    "all": "prepare, warm-start, train and evaluate both algorithms, compare",
+    "params": "print the resolved parameters (--explain: with one-line meanings)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lens", description="LENS / GRPO RL on math, end to end.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="params.yaml overrides")
+        p.add_argument("--profile", default=None, help="profile from params.yaml (default: its `profile:`)")
+        p.add_argument("--params-file", default=None, help="params file (default: the project's params.yaml)")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        if name in ("train", "evaluate"):
+            p.add_argument("--algo", choices=["grpo", "lens"], default=None, help="sets train.algo")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+            p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps")
+            p.add_argument("--dry-run", action="store_true",
+                           help="validate the configuration and print the plan; load and download nothing")
+        if name == "evaluate":
+            p.add_argument("--model", default=None, help="evaluate this model directory instead of <algo>/final")
+            p.add_argument("--out", default=None, help="where to write the evaluation JSON")
+        if name == "params":
+            p.add_argument("--explain", action="store_true", help="show each key's meaning")
+    return parser
+
+
+def train_plan(params) -> dict:
+    """The batch arithmetic a user wants to see before paying for a run."""
+    tp, rp = params.train, params.rollout
+    samples = tp.prompts_per_step * rp.group_size
+    updates = tp.ppo_epochs * -(-samples // tp.mini_batch_size)
+    return {
+        "profile": params.profile, "algo": tp.algo,
+        "model": params.model.name_or_path if params.model.source == "hub" else params.model.source,
+        "dtype": params.model.dtype, "gradient_checkpointing": params.model.gradient_checkpointing,
+        "rollout_engine": rp.engine, "group_size": rp.group_size, "max_new_tokens": rp.max_new_tokens,
+        "data": {"train": params.data.train_source, "eval": params.data.eval_source, "levels": params.data.levels},
+        "prompts_per_step": tp.prompts_per_step, "samples_per_step": samples,
+        "samples_per_update": tp.mini_batch_size, "updates_per_rollout_batch": updates,
+        "micro_batch_size": tp.micro_batch_size,
+        "grad_accumulation_steps": -(-tp.mini_batch_size // tp.micro_batch_size),
+        "steps": tp.steps, "total_updates": tp.steps * updates,
+        "total_samples": tp.steps * samples, "max_rollout_tokens": tp.steps * samples * rp.max_new_tokens,
+        "lens": tp.lens.model_dump() if tp.algo == "lens" else None,
+        "clip": [tp.clip_low, tp.clip_high], "kl_beta": tp.kl_beta, "lr": tp.lr,
+        "outputs": str(params.algo_dir()),
+    }
+
+
+def explain(params) -> str:
+    from lens.params import Params
+
+    def walk(model_cls, obj, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            value = getattr(obj, name)
+            key = f"{prefix}{name}"
+            sub = getattr(field.annotation, "model_fields", None)
+            if sub is not None:
+                yield from walk(field.annotation, value, key + ".")
+            else:
+                yield f"{key} = {json.dumps(value, default=str)}    # {field.description or ''}"
+
+    return "\n".join(walk(Params, params))
+
+
+def run(args: argparse.Namespace) -> object:
+    overrides = list(args.overrides)
+    if getattr(args, "algo", None):
+        overrides.append(f"train.algo={args.algo}")
+    params = load_params(args.profile, overrides, args.params_file)
+    from lens import stages
+
+    cmd = args.command
+    if cmd == "params":
+        return explain(params) if args.explain else flatten(params)
+    if cmd == "prepare":
+        return stages.prepare(params)
+    if cmd == "warm-start":
+        return stages.warm_start(params)
+    if cmd == "train":
+        if args.dry_run:
+            return train_plan(params)
+        return stages.train(params, resume=args.resume, max_steps=args.max_steps)
+    if cmd == "evaluate":
+        return stages.evaluate(params, args.algo, model_path=args.model, out_path=args.out)
+    if cmd == "compare":
+        cmp = stages.compare(params)
+        from lens.compare import compare_markdown
+
+        print(compare_markdown(cmp))
+        return {"files": cmp["files"]}
+    if cmd == "all":
+        t0 = time.perf_counter()
+        stages.prepare(params)
+        stages.warm_start(params)
+        for algo in stages.ALGOS:
+            p = load_params(args.profile, overrides + [f"train.algo={algo}"], args.params_file)
+            stages.train(p)
+            stages.evaluate(p, algo)
+        cmp = stages.compare(params)
+        from lens.compare import compare_markdown
+
+        print(compare_markdown(cmp))
+        return {"files": cmp["files"], "seconds": time.perf_counter() - t0}
+    raise AssertionError(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run(args)
+    except ParamsError as exc:
+        print(f"lens: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"lens: {exc}", file=sys.stderr)
+        return 1
+    if isinstance(result, str):
+        print(result)
+    elif result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
