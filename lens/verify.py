@@ -29,13 +29,14 @@ Time limit (two levels, both per item)
       "timeout_s (+ grace) per item, measured from the previous item's result", never
       ``timeout_s * len(chunk)`` in one lump, and a slow item cannot use up its neighbours' budget.
     Items are sent to workers in chunks (about 4 chunks per worker per batch, at most 32 items) to
-    amortise IPC; identical (completion, gold) pairs within a batch are scored once.
+    amortise IPC; identical (completion, gold) pairs within a batch are scored once, and each worker
+    caches parsed answers / golds and (boxed answer, gold) results (LRU) across batches.
 
 Processes
     Workers are started with the ``spawn`` context (never ``fork``: the caller may hold torch / CUDA
     threads), once, at ``Verifier(...)``; they stay alive across ``score_batch`` calls. Each imports
-    math-verify and runs a self-check (``\\boxed{\\frac{1}{2}}`` vs ``0.5`` must score 1.0) before it
-    takes work, so a broken install (e.g. an incompatible antlr4 runtime, which makes every LaTeX
+    math-verify and runs a self-check (a boxed LaTeX fraction must verify against ``0.5``; this also
+    warms up the LaTeX parser) before it takes work, whatever the ``scorer``, so a broken install (e.g. an incompatible antlr4 runtime, which makes every LaTeX
     answer unparseable) raises :class:`VerifierError` instead of silently giving reward 0. Like every
     spawn-based pool, workers re-import the main module as ``__mp_main__``: keep heavy work in the
     main script under ``if __name__ == "__main__":``.
@@ -60,6 +61,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -224,16 +226,36 @@ def _score_one(completion: str, gold: str) -> float | None:
     """Reward of one completion: 1.0 / 0.0, or None when it has no extractable answer at all.
     Raises on internal errors (math-verify exceptions, unparseable gold). No time limit of its own."""
     answer = extract_boxed(completion)
-    if answer is not None and _norm_ws(answer) and _norm_ws(answer) == _norm_ws(gold):
+    if answer is None:
+        return _score_unboxed(completion, gold)
+    if _norm_ws(answer) and _norm_ws(answer) == _norm_ws(gold):
         return 1.0
+    return _score_answer(answer, gold)
+
+
+def _gold_or_raise(gold: str) -> tuple:
     gold_parsed = _parse_gold(gold)
     if not gold_parsed:
         raise VerifierError(f"gold answer has no extractable value: {gold[:_TRUNC]!r}")
-    if answer is not None:
-        pred = _parse_answer(answer)
-    else:
-        parse, _ = _math_verify()
-        pred = tuple(parse(completion, parsing_timeout=None, raise_on_error=True))
+    return gold_parsed
+
+
+@functools.lru_cache(maxsize=8192)
+def _score_answer(answer: str, gold: str) -> float | None:
+    """A boxed answer against a gold. Cached per worker: the same (wrong) answers to a problem recur
+    across samples and steps, and sympy's simplify dominates the cost of a wrong answer.
+    (Exceptions and interrupted calls are not cached.)"""
+    gold_parsed = _gold_or_raise(gold)
+    pred = _parse_answer(answer)
+    if not pred:
+        return None
+    return 1.0 if _verify_any(gold_parsed, pred) else 0.0
+
+
+def _score_unboxed(completion: str, gold: str) -> float | None:
+    gold_parsed = _gold_or_raise(gold)
+    parse, _ = _math_verify()
+    pred = parse(completion, parsing_timeout=None, raise_on_error=True)
     if not pred:
         return None
     return 1.0 if _verify_any(gold_parsed, pred) else 0.0
@@ -299,6 +321,16 @@ def _run_item(scorer: Scorer, completion: str, gold: str, timeout_s: float | Non
         return ERROR, None, _format_exc(exc)
 
 
+def _fast_exit() -> None:
+    """Exit a worker without the interpreter's slow teardown of sympy's modules (~0.5 s)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(0)
+
+
 def _worker_main(conn, scorer: Scorer) -> None:
     """Worker loop. Protocol, parent -> worker: ``(chunk_id, [(completion, gold), ...], timeout_s)``
     or None (shut down). Worker -> parent: ``("ready", pid)`` or ``("fatal", msg)`` once, then one
@@ -308,18 +340,19 @@ def _worker_main(conn, scorer: Scorer) -> None:
         _self_check()  # also warms up math-verify (imports, regexes, the LaTeX parser)
         signal.signal(signal.SIGALRM, _on_alarm)
         conn.send(("ready", os.getpid()))
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - reported, then this worker exits
         try:
             conn.send(("fatal", _format_exc(exc)))
-        finally:
-            return
+        except Exception:  # noqa: BLE001
+            pass
+        return
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):  # parent gone
             return
         if msg is None:
-            return
+            _fast_exit()
         chunk_id, items, timeout_s = msg
         for pos, (completion, gold) in enumerate(items):
             kind, value, err = _run_item(scorer, completion, gold, timeout_s)
@@ -347,14 +380,15 @@ class _Worker:
         self.hard = math.inf  # seconds allowed per item before the kill
 
 
-def _stop_worker(w: _Worker, graceful: bool) -> None:
-    """Stop and reap one worker (never leaves a zombie)."""
+def _stop_worker(w: _Worker, graceful: bool, notify: bool = True) -> None:
+    """Stop and reap one worker (never leaves a zombie): ask (``graceful``), then SIGTERM, SIGKILL."""
     try:
         if graceful and w.proc.is_alive():
-            try:
-                w.conn.send(None)
-            except (BrokenPipeError, EOFError, OSError):
-                pass
+            if notify:
+                try:
+                    w.conn.send(None)
+                except (BrokenPipeError, EOFError, OSError):
+                    pass
             w.proc.join(2.0)
         if w.proc.is_alive():
             w.proc.terminate()
@@ -368,6 +402,10 @@ def _stop_worker(w: _Worker, graceful: bool) -> None:
         try:
             w.conn.close()
         except OSError:
+            pass
+        try:
+            w.proc.close()  # release its sentinel now (only possible once it has been reaped)
+        except (AssertionError, ValueError):
             pass
 
 
@@ -383,7 +421,27 @@ def _shutdown(slots: list, owner_pid: int) -> None:
         except (BrokenPipeError, EOFError, OSError):
             pass
     for w in workers:
-        _stop_worker(w, graceful=True)
+        _stop_worker(w, graceful=True, notify=False)
+
+
+_START_LOCK = threading.Lock()
+
+
+def _start_process(proc) -> None:
+    """``proc.start()``, also from a daemonic process (e.g. a ``multiprocessing.Pool`` worker), which
+    multiprocessing refuses to let have children. That rule exists because a daemon's children are
+    orphaned when it is terminated; ours exit by themselves when their pipe to the parent closes (and
+    an item in progress is cut off by the soft limit), so the flag is lifted just for the start."""
+    cfg = multiprocessing.current_process()._config  # noqa: SLF001
+    with _START_LOCK:
+        daemonic = cfg.get("daemon")
+        if daemonic:
+            cfg["daemon"] = False
+        try:
+            proc.start()
+        finally:
+            if daemonic:
+                cfg["daemon"] = daemonic
 
 
 def _outcome_reward(kind: str, value: float | None) -> float:
@@ -437,7 +495,7 @@ class Verifier:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(target=_worker_main, args=(child_conn, self._scorer),
                                  name="lens-verify", daemon=True)
-        proc.start()
+        _start_process(proc)
         child_conn.close()
         return _Worker(proc, parent_conn)
 
@@ -558,7 +616,7 @@ class Verifier:
                 now = time.monotonic()
                 for w in self._slots:  # hand out work
                     if w.state == "idle" and pending:
-                        self._send(w, pending.popleft(), items, t, now)
+                        self._send(w, pending, items, t, now)
                 waits = [w.deadline if w.state == "busy" else w.since + _START_TIMEOUT_S
                          for w in self._slots if w.state != "idle"]
                 timeout = max(0.0, min(waits) - now) if waits else None
@@ -569,7 +627,7 @@ class Verifier:
                     if w.conn in ready:
                         remaining -= self._drain(w, outcomes, now)
                     if w.proc.sentinel in ready or not w.proc.is_alive():
-                        remaining -= self._on_death(slot, w, outcomes, pending)
+                        remaining -= self._on_death(slot, w, outcomes, pending, now)
                     elif w.state == "busy" and now >= w.deadline:
                         remaining -= self._on_hard_timeout(slot, w, outcomes, pending)
                     elif w.state == "starting" and now >= w.since + _START_TIMEOUT_S:
@@ -584,13 +642,18 @@ class Verifier:
             raise
         return outcomes  # type: ignore[return-value]
 
-    def _send(self, w: _Worker, chunk: list[int], items, t, now: float) -> None:
+    def _send(self, w: _Worker, pending: deque, items, t, now: float) -> None:
+        chunk = pending.popleft()
         self._chunk_ids += 1
+        try:
+            w.conn.send((self._chunk_ids, [items[j] for j in chunk], t))
+        except (BrokenPipeError, EOFError, OSError):  # it just died: the sentinel path replaces it
+            pending.appendleft(chunk)
+            return
         w.chunk_id, w.chunk, w.pos = self._chunk_ids, chunk, 0
         w.state = "busy"
         w.hard = self._hard_limit(t)
         w.deadline = now + w.hard
-        w.conn.send((w.chunk_id, [items[j] for j in chunk], t))
 
     def _drain(self, w: _Worker, outcomes: list, now: float) -> int:
         """Read every message a worker has sent; returns how many items completed."""
@@ -629,8 +692,9 @@ class Verifier:
         self._replace(slot)
         return 1
 
-    def _on_death(self, slot: int, w: _Worker, outcomes: list, pending: deque) -> int:
+    def _on_death(self, slot: int, w: _Worker, outcomes: list, pending: deque, now: float) -> int:
         w.proc.join(1.0)
+        done = self._drain(w, outcomes, now)  # it may have sent results just before dying
         code = w.proc.exitcode
         if w.state == "starting":
             self._slots[slot] = None
@@ -639,11 +703,10 @@ class Verifier:
                 f"verifier worker exited during start-up (exit code {code}; its traceback is on stderr). "
                 "Common causes: the main script starts a Verifier without `if __name__ == '__main__':` "
                 "(spawned workers re-import it), or `scorer` is not an importable top-level function.")
-        done = 0
         if w.state == "busy":
             outcomes[w.chunk[w.pos]] = (ERROR, None, f"verifier worker died (exit code {code}) on this item")
             self._requeue_rest(w, pending)
-            done = 1
+            done += 1
         self.stats.worker_restarts += 1
         self._replace(slot)
         return done

@@ -1,0 +1,36 @@
+"""Shared builders for tests: small params and a small saved policy, all under a temporary root."""
+
+from pathlib import Path
+
+from lens.data import synthetic_problems, write_problems
+from lens.params import load_params
+from lens.tiny_model import build_char_tokenizer, build_tiny_model, save_model
+
+SMALL = [
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=64",
+    "data.synthetic.train_per_level=50", "data.synthetic.eval_per_level=8",
+    "rollout.group_size=4", "rollout.max_new_tokens=10",
+    "train.prompts_per_step=4", "train.mini_batch_size=8", "train.micro_batch_size=4",
+    "train.steps=3", "train.checkpoint_every=1",
+    "eval.samples_per_problem=4", "eval.max_new_tokens=10", "eval.bootstrap_samples=100",
+    "verify.workers=1",
+]
+
+
+def small_params(root: Path, *extra: str):
+    return load_params("tiny", [f"run.output_root={root}", *SMALL, *extra])
+
+
+def random_policy(params, seed: int = 0) -> Path:
+    """A randomly initialised tiny policy where the warm start would put one."""
+    tok = build_char_tokenizer()
+    t = params.model.tiny
+    model = build_tiny_model(tok, t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size, seed=seed)
+    return save_model(model, tok, params.warm_start_dir / "model")
+
+
+def synthetic_data(params) -> None:
+    s = params.data.synthetic
+    write_problems(params.data_dir / "train.jsonl", synthetic_problems("train", s.train_per_level, s.seed, params.data.levels))
+    write_problems(params.data_dir / "eval.jsonl", synthetic_problems("eval", s.eval_per_level, s.seed, params.data.levels))

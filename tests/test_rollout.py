@@ -1,0 +1,61 @@
+"""The HF rollout engine: grouping, EOS handling, and log-probs that agree with the trainer's forward."""
+
+import torch
+
+from lens.loss import token_logprobs_and_entropy
+from lens.models import load_policy
+from lens.rollout import HFEngine, SamplingConfig, cut_at_eos
+from tests.helpers import random_policy, small_params
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([5, 6, 2, 9], [0.1, 0.2, 0.3, 0.4], {2}) == ([5, 6, 2], [0.1, 0.2, 0.3], False)
+    assert cut_at_eos([5, 6], [0.1, 0.2], {2}) == ([5, 6], [0.1, 0.2], True)
+
+
+def _engine(tmp_path, batch_size=256):
+    params = small_params(tmp_path)
+    random_policy(params)
+    model, tok = load_policy(params)
+    return params, model, tok, HFEngine(model, tok, batch_size=batch_size)
+
+
+def test_generate_groups_samples_and_reports_per_token_logprobs(tmp_path):
+    params, model, tok, engine = _engine(tmp_path, batch_size=6)  # forces several chunks
+    prompts = ["Q: 1+2\nA: ", "Q: 35+17\nA: ", "Q: 9*9\nA: "]
+    out = engine.generate(prompts, 4, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=0))
+    assert [r.prompt_index for r in out] == [0] * 4 + [1] * 4 + [2] * 4
+    for r in out:
+        assert tok.decode(r.prompt_ids) == prompts[r.prompt_index]
+        assert len(r.logprobs) == len(r.completion_ids) >= 1
+        assert all(lp <= 0 for lp in r.logprobs)
+        assert r.truncated == (tok.eos_token_id not in r.completion_ids)
+        assert r.truncated or r.completion_ids[-1] == tok.eos_token_id
+        assert len(r.completion_ids) <= 8
+    # A random policy rarely emits EOS within 8 tokens, so most completions are truncated.
+    assert any(r.truncated for r in out)
+
+
+def test_same_seed_same_samples_different_seed_differs(tmp_path):
+    _, _, _, engine = _engine(tmp_path)
+    cfg = SamplingConfig(max_new_tokens=8, seed=123)
+    a = engine.generate(["Q: 1+1\nA: "], 4, cfg)
+    b = engine.generate(["Q: 1+1\nA: "], 4, cfg)
+    c = engine.generate(["Q: 1+1\nA: "], 4, SamplingConfig(max_new_tokens=8, seed=124))
+    assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
+    assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
+
+
+def test_rollout_logprobs_agree_with_the_trainer_forward_pass(tmp_path):
+    """Otherwise the PPO ratio is not 1 on-policy and the clipped loss is wrong from the first update."""
+    _, model, tok, engine = _engine(tmp_path)
+    prompts = ["Q: 1+2\nA: ", "Q: 35+17-4\nA: "]  # different lengths: left padding in generate
+    for temperature in (1.0, 0.7):
+        out = engine.generate(prompts, 3, SamplingConfig(temperature=temperature, max_new_tokens=8, seed=1))
+        for r in out:
+            seq = torch.tensor([r.prompt_ids + r.completion_ids])
+            with torch.no_grad():
+                logits = model(input_ids=seq).logits[:, :-1]
+            lp, _ = token_logprobs_and_entropy(logits, seq[:, 1:], temperature)
+            trainer_lp = lp[0, len(r.prompt_ids) - 1:]
+            assert torch.allclose(trainer_lp, torch.tensor(r.logprobs), atol=1e-4), (trainer_lp, r.logprobs)

@@ -1,0 +1,139 @@
+"""The RL trainer: metrics, checkpoints, NaN handling, and resume after a real kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lens import stages
+from lens.train import NonFiniteLossError, Trainer
+from tests.conftest import PROJECT_ROOT
+from tests.helpers import SMALL, random_policy, small_params, synthetic_data
+
+CORE_METRICS = [
+    "train/reward_mean", "train/acc", "train/frac_groups_all_correct", "train/frac_groups_all_wrong",
+    "train/frac_groups_mixed", "train/frac_samples_with_signal", "train/loss", "train/clip_frac", "train/kl",
+    "train/entropy", "train/response_len_mean", "train/truncated_frac", "train/skipped_steps",
+    "perf/rollout_tok_s", "perf/train_tok_s", "perf/step_s",
+]
+
+
+def _setup(tmp_path, *extra):
+    params = small_params(tmp_path, *extra)
+    random_policy(params)
+    synthetic_data(params)
+    return params
+
+
+def test_lens_training_writes_metrics_rollouts_checkpoints_and_final_model(tmp_path):
+    params = _setup(tmp_path, "train.algo=lens", "train.checkpoint_every=2", "train.keep_checkpoints=1")
+    summary = stages.train(params)
+    out = params.algo_dir("lens")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in CORE_METRICS:
+        assert key in rows[-1], key
+    # A random policy fails everything: all groups negative; LENS still gives every sample a signal.
+    assert rows[0]["train/frac_groups_all_wrong"] == 1.0
+    assert rows[0]["train/frac_samples_with_signal"] > 0.9
+    assert summary["done"] and (out / "final" / "model.safetensors").exists()
+    assert not list((out / "final").glob("*.bin"))
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-000003"]  # keep_checkpoints=1 pruned step 2
+    assert (out / "checkpoints" / "latest").read_text() == "step-000003"
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "rollouts" / "step-000000.parquet").to_pydict()
+    assert len(table["completion"]) == params.train.prompts_per_step * params.rollout.group_size
+    assert set(table) >= {"problem_id", "level", "completion", "reward", "mean_logprob", "advantage"}
+
+
+def test_grpo_on_all_negative_groups_has_no_signal_and_does_not_move_the_weights(tmp_path):
+    params = _setup(tmp_path, "train.algo=grpo", "train.steps=1")
+    before = load_file(params.warm_start_dir / "model" / "model.safetensors")
+    stages.train(params)
+    after = load_file(params.algo_dir("grpo") / "final" / "model.safetensors")
+    row = json.loads((params.algo_dir("grpo") / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["train/frac_groups_all_wrong"] == 1.0 and row["train/frac_samples_with_signal"] == 0.0
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nan_loss_skips_the_update_then_stops_the_run(tmp_path, monkeypatch):
+    params = _setup(tmp_path, "train.algo=lens", "train.max_consecutive_nonfinite=2", "train.steps=3",
+                    "train.mini_batch_size=16")  # one update per step
+    real = Trainer.compute_loss
+    calls = {"n": 0}
+
+    def nan_loss(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        return out._replace(loss=out.loss * float("nan"))
+
+    trainer = Trainer(params)
+    try:
+        monkeypatch.setattr(Trainer, "compute_loss", nan_loss)
+        before = {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+        metrics = trainer.train_step()
+        assert metrics["train/skipped_steps"] == 1 and trainer.state.updates == 0
+        assert all(torch.equal(before[k], v) for k, v in trainer.unwrapped_model.state_dict().items())
+        with pytest.raises(NonFiniteLossError, match="consecutive"):
+            trainer.train_step()
+        # Back to a finite loss: the counter of consecutive failures resets.
+        monkeypatch.setattr(Trainer, "compute_loss", real)
+        trainer.state.consecutive_nonfinite = 0
+        trainer.train_step()
+        assert trainer.state.updates == 1 and trainer.state.skipped_updates == 2
+    finally:
+        trainer.close()
+
+
+def _lens_cmd(root, *extra):
+    overrides = [f"run.output_root={root}", *SMALL, "train.algo=lens", "train.steps=6",
+                 "train.checkpoint_every=2", *extra]
+    return [sys.executable, "-m", "lens.cli", "train", "--profile", "tiny", *overrides]
+
+
+def _final_weights(params):
+    return load_file(params.algo_dir("lens") / "final" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT)}
+    # Reference: never stopped.
+    ref_root = tmp_path / "ref"
+    ref = _setup(ref_root, "train.algo=lens")
+    subprocess.run(_lens_cmd(ref_root), check=True, env=env, cwd=PROJECT_ROOT, capture_output=True)
+
+    # Killed with SIGKILL once the step-2 checkpoint exists, then resumed.
+    root = tmp_path / "killed"
+    params = _setup(root, "train.algo=lens")
+    pointer = params.algo_dir("lens") / "checkpoints" / "latest"
+    proc = subprocess.Popen(_lens_cmd(root), env=env, cwd=PROJECT_ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (pointer.exists() and pointer.read_text() >= "step-000002"):
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (params.algo_dir("lens") / "final").exists(), "killed too late to test anything"
+    killed_at = pointer.read_text()
+
+    done = subprocess.run(_lens_cmd(root, "--resume"), env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["step"] == 6
+    a, b = _final_weights(ref), _final_weights(params)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resuming from {killed_at}"
+    rows = [json.loads(line) for line in (params.algo_dir("lens") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
