@@ -138,8 +138,7 @@ def test_called_from_non_main_threads(pool):
             errors.append(exc)
 
     threads = [
-        threading.Thread(target=run, args=("batch", lambda: pool.score_batch([HALF, "\\boxed{2}"], ["0.5", "3"])))
-        ,
+        threading.Thread(target=run, args=("batch", lambda: pool.score_batch([HALF, "\\boxed{2}"], ["0.5", "3"]))),
         threading.Thread(target=run, args=("score", lambda: score(HALF, "0.5"))),
         threading.Thread(target=run, args=("inline", lambda: score(HALF, "\\frac12", timeout_s=None))),
         threading.Thread(target=run, args=("batch2", lambda: pool.score_batch(["The answer is 7"], ["7"]))),
