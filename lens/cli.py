@@ -98,45 +98,84 @@ def run(args: argparse.Namespace) -> object:
         return stages.prepare(params)
     if cmd == "warm-start":
         return stages.warm_start(params)
-    if cmd == "train":
-        if args.dry_run:
-            return train_plan(params)
-        return stages.train(params, resume=args.resume, max_steps=args.max_steps)
-    if cmd == "evaluate":
-        return stages.evaluate(params, args.algo, model_path=args.model, out_path=args.out)
-    if cmd == "compare":
-        cmp = stages.compare(params)
-        from lens.compare import compare_markdown
+    if cmd == "train" and args.dry_run:
+        return train_plan(params)
 
-        print(compare_markdown(cmp))
-        return {"files": cmp["files"]}
+    # MLflow: a no-op when tracking.enabled is false; an unreachable server fails here, before any work.
+    from lens.tracking import Tracker, dvc_out_hash, sample_rollouts
+
+    if cmd == "train":
+        tracker = Tracker(params)
+        algo = params.train.algo
+        with tracker.algo_run(algo, params):
+            tracker.log_dataset(params, params.data_dir, dvc_hash=dvc_out_hash(params.data_dir))
+            summary = stages.train(params, resume=args.resume, max_steps=args.max_steps,
+                                   callbacks=[tracker.step_callback()])
+            if summary["done"]:
+                tracker.log_policy(params.algo_dir(algo) / "final", algo)
+        return summary
+    if cmd == "evaluate":
+        summary = stages.evaluate(params, args.algo, model_path=args.model, out_path=args.out)
+        tracker = Tracker(params)
+        algo = params.train.algo
+        with tracker.algo_run(algo, params, run_id=tracker.latest_algo_run(algo)):
+            tracker.log_eval(summary)
+        return {k: summary[k] for k in ("metrics", "model", "seconds")}
+    if cmd == "compare":
+        with Tracker(params, run_name=f"compare-{params.profile}") as tracker:
+            cmp = _compare_and_log(params, tracker, stages, sample_rollouts)
+        return {"files": cmp["files"], "mlflow": tracker.run_url()}
     if cmd == "all":
         t0 = time.perf_counter()
-        stages.prepare(params)
-        stages.warm_start(params)
-        for algo in stages.ALGOS:
-            p = load_params(args.profile, overrides + [f"train.algo={algo}"], args.params_file)
-            stages.train(p)
-            stages.evaluate(p, algo)
-        cmp = stages.compare(params)
-        from lens.compare import compare_markdown
-
-        print(compare_markdown(cmp))
-        return {"files": cmp["files"], "seconds": time.perf_counter() - t0}
+        with Tracker(params, run_name=f"all-{params.profile}") as tracker:
+            stages.prepare(params)
+            stages.warm_start(params)
+            for algo in stages.ALGOS:
+                p = load_params(args.profile, overrides + [f"train.algo={algo}"], args.params_file)
+                with tracker.algo_run(algo, p):
+                    tracker.log_dataset(p, p.data_dir)
+                    stages.train(p, callbacks=[tracker.step_callback()])
+                    tracker.log_eval(stages.evaluate(p, algo))
+                    tracker.log_policy(p.algo_dir(algo) / "final", algo)
+            cmp = _compare_and_log(params, tracker, stages, sample_rollouts)
+        return {"files": cmp["files"], "mlflow": tracker.run_url(), "seconds": round(time.perf_counter() - t0, 1)}
     raise AssertionError(cmd)
+
+
+def _compare_and_log(params, tracker, stages, sample_rollouts) -> dict:
+    from lens.compare import compare_markdown
+
+    cmp = stages.compare(params)
+    sample = sample_rollouts(params, params.root / "compare" / "rollouts_sample.parquet")
+    tracker.log_comparison(cmp, cmp["files"], sample)
+    print(compare_markdown(cmp))
+    return cmp
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures with a message meant for the user: printed without a traceback, exit code 1."""
+    from lens.tracking import TrackingError
+    from lens.train import NonFiniteLossError
+    from lens.verify import VerifierError
+
+    return FileNotFoundError, TrackingError, NonFiniteLossError, VerifierError
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # transformers' per-shard progress bars drown the training progress in a terminal.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         result = run(args)
     except ParamsError as exc:
         print(f"lens: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"lens: {exc}", file=sys.stderr)
+    except _expected_errors() as exc:  # evaluated only when something raised: imports stay lazy
+        print(f"lens: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if isinstance(result, str):
         print(result)

@@ -166,9 +166,20 @@ class VerifyParams(Section):
 
 class TrackingParams(Section):
     enabled: bool = Field(False, description="Log to MLflow.")
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db", description="MLflow tracking URI (a relative SQLite path is relative to the project).")
     experiment: str | None = Field(None, description="Experiment name (None: lens-<profile>).")
+    artifact_location: str | None = Field(
+        None, description="Artifacts of a new experiment (None: mlartifacts/ beside a SQLite DB, else the server's).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds an http(s) tracking server has to answer.")
+    log_model: bool = Field(True, description="Log the final policy as an MLflow model in its algorithm's run.")
     register_model: bool = Field(True, description="Register the final policy as `lens-policy`.")
+    registered_model_name: str = Field(
+        "lens-policy", min_length=1, description="Registered model name; aliases <algo> and <profile>-<algo>.")
+    system_metrics: bool = Field(True, description="Log system/... CPU, memory, disk, network, GPU metrics per run.")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system-metric samples.")
+    rollout_sample_rows: int = Field(
+        64, ge=1, description="Rollouts per algorithm in the sample logged with the comparison.")
 
 
 class Params(Section):
