@@ -72,6 +72,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait as _mp_wait
 from typing import Any
 
+from lens.data import last_boxed as extract_boxed  # one answer extractor for data, reward and warm start
+
 log = logging.getLogger(__name__)
 
 __all__ = ["score", "Verifier", "VerifyStats", "VerifierError", "extract_boxed", "shutdown_shared"]
@@ -120,47 +122,7 @@ class VerifyStats:
 # ---------------------------------------------------------------------------------------------
 # answer extraction and scoring of one item (runs in the workers)
 # ---------------------------------------------------------------------------------------------
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
-
-
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """``text[start] == '{'``: the group's content and the index after its closing brace, or None
-    when it never closes. ``\\{`` / ``\\}`` are literal braces and do not count."""
-    depth, i = 0, start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i], i + 1
-        i += 1
-    return None
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the LAST complete ``\\boxed{...}`` / ``\\fbox{...}`` in ``text`` (None if none).
-
-    An unclosed trailing ``\\boxed{`` (a truncated completion) is skipped in favour of the previous
-    complete one; ``\\boxed 5`` (no braces) yields ``5``."""
-    for m in reversed(list(_BOXED_RE.finditer(text))):
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            got = _braced(text, i)
-            if got is not None:
-                return got[0]
-        elif m.end() < i < len(text):  # "\boxed 5": the next whitespace/$-delimited token
-            tok = re.match(r"[^\s$]+", text[i:])
-            if tok:
-                return tok.group(0)
-    return None
 
 
 def _norm_ws(s: str) -> str:
