@@ -50,8 +50,13 @@ def prepare(params: Params) -> dict:
 def warm_start(params: Params) -> dict:
     """Build and supervise the tiny model (profiles whose policy is `model.source: warm_start`)."""
     if params.model.source != "warm_start" or not params.warm_start.enabled:
-        log.info("warm start not needed for profile %s (model.source=%s)", params.profile, params.model.source)
-        return {"skipped": True}
+        reason = (f"model.source={params.model.source}" if params.model.source != "warm_start"
+                  else "warm_start.enabled=false")
+        log.info("warm start not needed for profile %s (%s)", params.profile, reason)
+        # An output even when skipped: DVC's warm_start stage declares the directory for every profile.
+        summary = {"skipped": True, "reason": reason}
+        _write_json(params.warm_start_dir / "warm_start.json", summary)
+        return summary
     from lens.warm_start import warm_start as run_warm_start
 
     return run_warm_start(params)
@@ -124,5 +129,8 @@ def compare(params: Params, algos: tuple[str, str] = ALGOS) -> dict:
             curves[algo] = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
     if curves:
         paths["curves_png"] = plot_learning_curves(curves, out_dir / "learning_curves.png")
+    from lens.versioning import write_plot_data  # CSVs `dvc plots` reads, also for Prefect-made outputs
+
+    write_plot_data(params.root)
     cmp["files"] = {k: str(v) for k, v in paths.items()}
     return cmp
