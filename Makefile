@@ -5,7 +5,7 @@ setup:
 	@bash infra/setup.sh
 
 demo: setup
-	.venv/bin/lens all --profile tiny
+	bash infra/demo.sh
 
 test: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider
