@@ -91,7 +91,11 @@ class WarmStartParams(Section):
 
 
 class VllmParams(Section):
-    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="Fraction of GPU memory (RAM on CPU) vLLM reserves.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="GPU: fraction of GPU memory; CPU: fraction of RAM for the KV cache, "
+                                     "capped at what the batch can use.")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt+completion vLLM accepts (None: min(model limit, max_new_tokens + 2048)).")
     enforce_eager: bool = Field(True, description="Disable CUDA graphs (faster start, small models).")
     sleep_between_steps: bool = Field(False, description="Colocated GPU: sleep the engine while training.")
 

@@ -1,0 +1,307 @@
+"""The vLLM rollout engine: a colocated, in-process `vllm.LLM` behind the `RolloutEngine` interface.
+
+Same contract as `HFEngine` (lens/rollout.py): `generate(prompts, n, sampling)` returns len(prompts) * n
+`Rollout`s grouped by prompt, each with the sampled token ids up to and including the first EOS and the
+log-prob of every sampled token under softmax(logits / T); `sync_weights(model)` makes the engine sample
+from the trainer's current weights. How each part maps onto vLLM 0.32:
+
+- In-process engine. `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set below, before vLLM is imported) keeps the
+  engine core and its single worker in this process (`InprocClient` + `UniProcExecutor`). Weight sync
+  then hands the worker a generator over the trainer's live tensors; with the default multiprocess
+  engine every `collective_rpc` argument is pickled to the engine-core process, i.e. a full copy of the
+  weights per step (and `LLM(...)` would also need an `if __name__ == "__main__"` guard).
+- Weights. The engine starts from the trainer's `model.config` with `load_format="dummy"` and receives
+  the actual weights through the same path as every later sync, so it never reads a checkpoint from
+  disk and cannot start from a different state than the `model` object it was given (a final model in
+  evaluation, a resumed checkpoint in training...). Sync uses the worker's `reload_weights` (vLLM's
+  layerwise in-place reload): plain `model.load_weights` fails on CPU because vLLM repacks linear
+  weights after loading and the repacked parameters lose their `weight_loader`.
+- Log-probs. `logprobs_mode="processed_logprobs"` makes vLLM report log-probs of the distribution it
+  sampled from (after temperature), and `logprobs=0` returns only the sampled token's. Caveat: with
+  top_p < 1 "processed" also means after the nucleus cut (renormalised over the nucleus), whereas
+  `HFEngine` reports the tempered full distribution; keep top_p = 1 (the paper's setting) for ratios
+  that start at exactly 1, or set `train.recompute_old_logprobs`.
+- Tokens in, tokens out. Prompts are tokenised here exactly as `HFEngine` does (no special tokens
+  added) and passed as token ids; vLLM runs without a tokenizer (`skip_tokenizer_init`) and EOS is
+  given explicitly as `stop_token_ids` (model and tokenizer EOS ids), so stopping does not depend on
+  what vLLM would read from generation_config.json (`generation_config="vllm"` ignores it). vLLM keeps
+  the stop token in `token_ids`, so completions end with EOS exactly as with `HFEngine`, and the text is
+  decoded with the trainer's tokenizer (special tokens skipped).
+- Seeds. vLLM seeds the k-th sample of a request with `seed + k`; one seed for every prompt would give
+  all prompts the same noise stream (visibly correlated samples), so each prompt gets its own seed
+  derived from (sampling.seed, prompt index).
+- Memory. On GPU `gpu_memory_utilization` is vLLM's usual fraction of GPU memory. On CPU vLLM's own
+  reading of it is "fraction of RAM for the whole process, KV cache = that minus the process's RSS",
+  and in-process the RSS includes the trainer (model, optimizer, activations), so it is fragile; here
+  the KV cache is given explicitly: `gpu_memory_utilization` x total RAM, capped at what `max_num_seqs`
+  full-length sequences can use.
+- Lengths. `max_model_len` (prompt + completion) defaults to min(the model's positions, max_new_tokens +
+  2048); a completion that reaches it ends with finish_reason "length" (truncated), a longer prompt
+  raises vLLM's validation error.
+- Engines share vLLM's process-wide parallel state; an engine shuts it down only when it is the last one
+  open, so e.g. an evaluation engine can live beside the trainer's. Multi-process training (one engine
+  per rank) would need vLLM's external_launcher executor and is refused for now.
+- Sleep mode (CUDA only, `rollout.vllm.sleep_between_steps`): after each `generate` the engine sleeps
+  (level 1: weights offloaded to CPU, KV cache freed) so training gets the GPU memory; `sync_weights`
+  wakes the weights, `generate` wakes the KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must precede the first `import vllm` anywhere in the process (see the module docstring).
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lens.rollout import Rollout, SamplingConfig, cut_at_eos, eos_token_ids  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PROMPT_BUDGET = 2048  # tokens reserved for the prompt when max_model_len is derived
+
+# In-process engines share vLLM's process-wide parallel state (a one-process torch.distributed group and
+# vLLM's TP/PP groups). Shutting an engine down destroys that state, so only the last engine closed does.
+_live_engines = 0
+
+
+class VLLMEngine:
+    """Colocated vLLM sampling from the trainer's current weights (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, *, dtype: str = "float32", seed: int = 0,
+                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
+                 max_model_len: int | None = None, max_num_seqs: int = 256,
+                 sleep_between_steps: bool = False, kv_cache_memory_bytes: int | None = None,
+                 max_new_tokens_hint: int = 16, **llm_kwargs):
+        """`llm_kwargs` go to `vllm.LLM` as they are (e.g. block_size), overriding the defaults here."""
+        global _live_engines
+        if _live_engines == 0 and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise NotImplementedError(
+                "rollout.engine=vllm runs one vLLM engine inside each training process, with its own one-process "
+                "torch.distributed group; under a multi-process launch that needs vLLM's external_launcher "
+                "executor, which is not implemented yet: use rollout.engine=hf with several processes")
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.on_cuda = torch.cuda.is_available()
+        self.sleep_between_steps = bool(sleep_between_steps and self.on_cuda)
+        self.last_sync_seconds = 0.0
+        self._asleep: set[str] = set()  # tags vLLM has put to sleep ("weights", "kv_cache")
+
+        config = model.config
+        positions = getattr(config, "max_position_embeddings", None) or 4096
+        self.max_model_len = max_model_len or min(positions, max_new_tokens_hint + PROMPT_BUDGET)
+        if not self.on_cuda and kv_cache_memory_bytes is None:
+            kv_cache_memory_bytes = _cpu_kv_cache_bytes(config, dtype, gpu_memory_utilization,
+                                                        self.max_model_len, max_num_seqs)
+
+        # vLLM reads only config.json here (dummy weights, no tokenizer): the real weights come from `model`.
+        self._config_dir = Path(tempfile.mkdtemp(prefix="lens-vllm-"))
+        config.save_pretrained(self._config_dir)
+
+        from vllm import LLM
+
+        kwargs = dict(
+            dtype=dtype, seed=seed, enforce_eager=enforce_eager, max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs, logprobs_mode="processed_logprobs", load_format="dummy",
+            skip_tokenizer_init=True, generation_config="vllm", trust_remote_code=False,
+            gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+        )
+        if self.sleep_between_steps:
+            kwargs["enable_sleep_mode"] = True
+        kwargs |= llm_kwargs
+        try:
+            with _preserve_process_state():
+                self.llm = LLM(str(self._config_dir), **kwargs)
+        except BaseException:
+            shutil.rmtree(self._config_dir, ignore_errors=True)
+            raise
+        _live_engines += 1
+        log.info("vLLM engine: max_model_len=%d, max_num_seqs=%d, dtype=%s, kv_cache_bytes=%s, sleep=%s",
+                 self.max_model_len, max_num_seqs, dtype, kv_cache_memory_bytes, self.sleep_between_steps)
+        from vllm.v1.engine.core_client import InprocClient
+
+        if not isinstance(self.llm.llm_engine.engine_core, InprocClient):
+            self.close()
+            raise RuntimeError("vLLM started a separate engine process: VLLM_ENABLE_V1_MULTIPROCESSING=0 must be "
+                               "set before vllm is first imported (import lens.rollout_vllm first)")
+        self.sync_weights(model)
+
+    @classmethod
+    def from_params(cls, params, model, tokenizer, **llm_kwargs) -> VLLMEngine:
+        vp = params.rollout.vllm
+        return cls(
+            model, tokenizer, dtype=params.model.dtype, seed=params.run.seed,
+            gpu_memory_utilization=vp.gpu_memory_utilization, enforce_eager=vp.enforce_eager,
+            max_model_len=getattr(vp, "max_model_len", None), max_num_seqs=params.rollout.batch_size,
+            sleep_between_steps=vp.sleep_between_steps,
+            max_new_tokens_hint=max(params.rollout.max_new_tokens, params.eval.max_new_tokens), **llm_kwargs)
+
+    # ---- weights --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Copy `model`'s current weights into the engine; the time taken is `last_sync_seconds`."""
+        t0 = time.perf_counter()
+        if "weights" in self._asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+        # A generator over the live tensors: the in-process worker reads them one by one (no full copy).
+        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        # Cached prefixes hold keys/values computed with the old weights.
+        self.llm.reset_prefix_cache()
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        self.last_sync_seconds = time.perf_counter() - t0
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def generate(self, prompts: list[str], n: int, sampling: SamplingConfig) -> list[Rollout]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        reps = 1 if sampling.greedy else n
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        common = dict(max_tokens=sampling.max_new_tokens, logprobs=0, stop_token_ids=sorted(self.eos_ids),
+                      detokenize=False, skip_special_tokens=True)
+        if sampling.greedy:
+            per_prompt = [SamplingParams(n=1, temperature=0.0, **common)] * len(prompts)
+        else:
+            per_prompt = [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                                         seed=_prompt_seed(sampling.seed, i), **common)
+                          for i in range(len(prompts))]
+        self._wake()
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], per_prompt,
+                                        use_tqdm=False)
+        finally:
+            self._sleep()
+
+        rollouts = []
+        for p, out in enumerate(outputs):
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            if len(samples) != reps:
+                raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {p}, expected {reps}")
+            for c in samples:
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished a sample with {c.finish_reason!r}")
+                token_ids = list(c.token_ids)
+                logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, token_ids)]
+                ids, lps, _ = cut_at_eos(token_ids, logprobs, self.eos_ids)
+                rollouts.append(Rollout(
+                    prompt_index=p, prompt_ids=list(prompt_ids[p]), completion_ids=ids,
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True), logprobs=lps,
+                    truncated=c.finish_reason == "length"))
+        return rollouts
+
+    # ---- GPU memory between phases ----------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up(tags=sorted(self._asleep))
+            self._asleep.clear()
+
+    def _sleep(self) -> None:
+        if self.sleep_between_steps and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
+
+    def close(self) -> None:
+        global _live_engines
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            _live_engines -= 1
+            _shutdown(llm.llm_engine.engine_core, last=_live_engines == 0)
+            del llm
+            gc.collect()
+            if self.on_cuda:
+                torch.cuda.empty_cache()
+        shutil.rmtree(getattr(self, "_config_dir", ""), ignore_errors=True)
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _ExpectedWarnings(logging.Filter):
+    """Drop two vLLM warnings that this configuration causes on purpose, so real ones stay visible:
+    the layerwise reload says at every sync that RotaryEmbedding loaded no weights (it has none in a
+    checkpoint; vLLM keeps its computed cos/sin cache), and the chat-template warm-up at start fails
+    with a traceback because the engine runs without a tokenizer (`skip_tokenizer_init`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.msg == "Chat template warmup failed" and "skip_tokenizer_init" in str(exc))
+
+
+for _name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.renderers.base"):
+    logging.getLogger(_name).addFilter(_ExpectedWarnings())
+
+
+def _shutdown(client, last: bool) -> None:
+    """Free an in-process engine core; keep the shared parallel state while other engines use it."""
+    if last:
+        client.shutdown()  # EngineCore.shutdown also runs vLLM's cleanup_dist_env_and_memory
+        return
+    finalizer = getattr(client, "_finalizer", None)
+    if finalizer is not None:
+        finalizer.detach()  # it would run the full shutdown when the client is collected
+    core = client.engine_core
+    core.structured_output_manager.clear_backend()
+    core.model_executor.shutdown()
+    core.scheduler.shutdown()
+    gc.unfreeze()  # the engine core gc.freeze()s its start-up objects (weights, KV cache)
+
+
+def _prompt_seed(seed: int | None, index: int) -> int | None:
+    if seed is None:
+        return None
+    # 31 bits: vLLM adds the sample index to the seed, and its CPU sampler seeds torch generators with it.
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0]) & 0x7FFF_FFFF
+
+
+def _cpu_kv_cache_bytes(config, dtype: str, fraction: float, max_model_len: int, max_num_seqs: int) -> int:
+    """KV-cache budget on CPU: `fraction` of RAM, but no more than the engine could ever fill."""
+    import psutil
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    per_token = config.num_hidden_layers * 2 * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    block = 128  # vLLM's CPU block size: room for one partly filled block per sequence
+    needed = max_num_seqs * (max_model_len + block) * per_token
+    return int(min(fraction * psutil.virtual_memory().total, needed))
+
+
+@contextlib.contextmanager
+def _preserve_process_state():
+    """Building an in-process engine reseeds the global RNGs and changes torch's thread settings; the
+    trainer shares this process, so give it back what it had (its runs stay reproducible and fast)."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        torch.set_num_threads = set_num_threads  # the CPU worker replaces it with a no-op
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
