@@ -105,7 +105,11 @@ class Trainer:
             "constant_with_warmup" if tp.lr_schedule == "constant" else tp.lr_schedule,
             self.optimizer, num_warmup_steps=tp.warmup_steps,
             num_training_steps=max(1, tp.steps * self.updates_per_step))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
+        # Multi-process fix: the scheduler is NOT passed to accelerator.prepare. accelerate's wrapper steps
+        # it num_processes times per call (it assumes a per-process dataloader that shrinks with the world
+        # size), but our updates per step do not depend on the world size (mini_batch_size is global), so
+        # a prepared scheduler ran warm-up and decay `world` times too fast.
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.ref_model = None
         if tp.kl_beta > 0:  # a frozen copy of the starting policy; beta = 0 loads nothing
             self.ref_model, _ = load_policy(params)
@@ -227,8 +231,17 @@ class Trainer:
                     totals["n"] += 1
         seconds = time.perf_counter() - t0
         n = max(totals["n"], 1)
-        return {f"train/{k}": totals[k] / n for k in ("loss", "clip_frac", "kl", "entropy", "grad_norm")} | {
-            "perf/train_tok_s": tokens / max(seconds, 1e-9), "perf/update_s": seconds}
+        means = {k: totals[k] / n for k in ("loss", "clip_frac", "kl", "entropy", "grad_norm")}
+        # Multi-process fix: loss/clip_frac/kl/entropy are per-shard values; average them over ranks (shards
+        # are equal-sized) and sum the tokens, so the row rank 0 writes describes the global batch.
+        # grad_norm is already global (measured after the all-reduce).
+        keys = ("loss", "clip_frac", "kl", "entropy")
+        local = torch.tensor([means[k] for k in keys] + [float(tokens)], dtype=torch.float64,
+                             device=self.accelerator.device)
+        reduced = self.accelerator.reduce(local, reduction="sum").tolist()
+        means |= {k: reduced[i] / self.world for i, k in enumerate(keys)}
+        return {f"train/{k}": v for k, v in means.items()} | {
+            "perf/train_tok_s": reduced[-1] / max(seconds, 1e-9), "perf/update_s": seconds}
 
     def _minibatch_update(self, rollouts, advantages, mb: list[int]):
         tp = self.params.train
@@ -237,7 +250,11 @@ class Trainer:
         if tp.loss_agg == "seq-mean-token-mean":
             normalizer = float(len(mb))
         else:
-            normalizer = float(sum(b[2].sum().item() for b in batches))
+            # Multi-process fix: DDP averages gradients over ranks, so each rank divides by the global token
+            # count / world; a per-rank count weighted the ranks' tokens unequally (1/T_r instead of 1/T).
+            local_tokens = torch.tensor([float(sum(b[2].sum().item() for b in batches))],
+                                        device=self.accelerator.device)
+            normalizer = self.accelerator.reduce(local_tokens, reduction="sum").item() / self.world
         acc = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0)
         nonfinite, tokens = False, 0
         for i, (input_ids, attention, mask, old_lp, adv) in enumerate(batches):
@@ -361,14 +378,12 @@ class Trainer:
 
     def save_rollouts(self, scored: ScoredBatch) -> None:
         """What the model wrote and what the algorithm did with it, one parquet file per step (main rank)."""
-        if not self.accelerator.is_main_process:
-            return
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         G = self.params.rollout.group_size
         b = scored.batch
-        table = pa.table({
+        columns = {
             "step": [b.step] * len(b.rollouts),
             "problem_id": [b.problems[r.prompt_index].id for r in b.rollouts],
             "level": [b.problems[r.prompt_index].level for r in b.rollouts],
@@ -380,7 +395,18 @@ class Trainer:
             "num_tokens": [len(r.completion_ids) for r in b.rollouts],
             "truncated": [r.truncated for r in b.rollouts],
             "sample": [i % G for i in range(len(b.rollouts))],
-        })
+            "rank": [self.rank] * len(b.rollouts),
+        }
+        # Multi-process fix: every rank holds a different shard of the step's rollouts; gather them all
+        # (collective: every rank calls it) so the record is the whole batch, not rank 0's share.
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            shards = gather_object([columns])
+            columns = {k: [v for shard in shards for v in shard[k]] for k in columns}
+        if not self.accelerator.is_main_process:
+            return
+        table = pa.table(columns)
         self.rollouts_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.rollouts_dir / f".step-{b.step:06d}.parquet.tmp"
         pq.write_table(table, tmp)
