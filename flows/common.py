@@ -141,9 +141,7 @@ class TrainSession:
             self.trainer.close()
             self.trainer = Trainer(self.params, resume=False, callbacks=self.callbacks)
         else:
-            self.trainer.load_checkpoint(latest)
-            # A failure mid-backward leaves gradients behind; the next update must not add to them.
-            self.trainer.optimizer.zero_grad(set_to_none=True)
+            self.trainer.load_checkpoint(latest)  # also clears gradients a failed backward left behind
             logger.info("%s: resumed from checkpoint %s (step %d)", self.params.train.algo, latest.name,
                         self.trainer.state.step)
         self.batch = self.scored = None
@@ -322,23 +320,13 @@ def verify_rollouts(algo: str, step: int) -> dict:
 
 @task(name="update_policy", cache_policy=NO_CACHE, task_run_name="update_policy-{algo}-step-{step}")
 def update_policy(algo: str, step: int) -> dict:
-    """Clipped policy-gradient updates on the scored batch; then record the step (metrics, rollouts).
-
-    The same sequence as the end of `Trainer.train_step` (update, weight sync, step counter, rollouts
-    parquet, metrics row + callbacks).
-    """
+    """Clipped policy-gradient updates on the scored batch; then record the step (metrics, rollouts)."""
     s = session(algo)
     _expect_step(s, step)
     if s.scored is None:
         raise RuntimeError(f"update_policy: step {step} was not verified")
     t = s.trainer
-    metrics = s.metrics | t.update(s.scored)
-    t.engine.sync_weights(t.unwrapped_model)
-    t.state.step += 1
-    metrics |= {"train/skipped_steps": t.state.skipped_updates, "train/lr": t.scheduler.get_last_lr()[0],
-                "perf/step_s": time.perf_counter() - s.step_started}
-    t.save_rollouts(s.scored)
-    t.log_metrics(metrics)
+    metrics = t.complete_step(s.scored, s.metrics, s.step_started)
     s.batch = s.scored = None
     total = s.params.train.steps
     get_run_logger().info(

@@ -26,7 +26,8 @@ def policy_source(params) -> str:
     if source == "smollm2":
         from lens.smollm2 import ensure_smollm2  # optional extra: imported only for this profile
 
-        return str(ensure_smollm2(params.model.cache_dir))
+        cache = params.model.cache_dir
+        return str(ensure_smollm2(str(params.resolve_path(cache)) if cache else None))
     raise ValueError(f"model.source: unknown source {source!r}")
 
 

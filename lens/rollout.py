@@ -128,8 +128,11 @@ class HFEngine:
         prompt_len = enc["input_ids"].shape[1]
         new_tokens = gen.sequences[:, prompt_len:]
         temperature = 1.0 if sampling.greedy else sampling.temperature
-        logits = torch.stack(gen.logits, dim=1).float() / temperature          # [B*n, T, V]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        # One decode step at a time: stacking all steps' logits would hold batch x tokens x vocab floats
+        # (tens of GB for a 150k vocabulary), while the sampled tokens' log-probs are all we need.
+        logprobs = torch.stack([
+            torch.log_softmax(step_logits.float() / temperature, dim=-1).gather(-1, new_tokens[:, t:t + 1]).squeeze(-1)
+            for t, step_logits in enumerate(gen.logits)], dim=1)                  # [B*n, T]
 
         reps = 1 if sampling.greedy else n
         rollouts = []

@@ -338,14 +338,20 @@ class Trainer:
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        batch = self.rollout()
-        scored = self.score(batch)
-        metrics = self.step_metrics(scored)
-        metrics |= self.update(scored)
+        scored = self.score(self.rollout())
+        return self.complete_step(scored, self.step_metrics(scored), t0)
+
+    def complete_step(self, scored: ScoredBatch, metrics: dict, started: float) -> dict:
+        """Phase 3 and the step's record: update, weight sync, step counter, rollouts parquet, metrics row.
+
+        `metrics` are the rollout-side metrics (`step_metrics`); `started` is when the step's rollout began.
+        """
+        metrics = metrics | self.update(scored)
         self.engine.sync_weights(self.unwrapped_model)
         self.state.step += 1
         metrics |= {"train/skipped_steps": self.state.skipped_updates, "train/lr": self.scheduler.get_last_lr()[0],
-                    "perf/step_s": time.perf_counter() - t0}
+                    "perf/weight_sync_s": getattr(self.engine, "last_sync_seconds", 0.0),
+                    "perf/step_s": time.perf_counter() - started}
         self.save_rollouts(scored)
         self.log_metrics(metrics)
         return metrics
@@ -469,6 +475,8 @@ class Trainer:
         random.setstate(_tupled(rng["python"]))
         np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
         torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        # A failure mid-backward (a retried round) leaves gradients behind; the next update must not add them.
+        self.optimizer.zero_grad(set_to_none=True)
         self.engine.sync_weights(self.unwrapped_model)
         # Metrics and rollouts after the checkpoint belong to the lost future: drop them.
         if self.accelerator.is_main_process and self.metrics_path.exists():

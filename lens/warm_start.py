@@ -131,7 +131,7 @@ def warm_start(params: Params, out_dir: str | Path | None = None, *,
     """
     out_dir = Path(out_dir) if out_dir is not None else params.warm_start_dir
     ws, tiny, syn = params.warm_start, params.model.tiny, params.data.synthetic
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     torch.manual_seed(params.run.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -191,6 +191,8 @@ def warm_start(params: Params, out_dir: str | Path | None = None, *,
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "seconds": round(time.monotonic() - started, 2),
+        # CPU seconds of all threads: a load-independent cost measure when the machine is shared.
+        "cpu_seconds": round(time.process_time() - cpu_started, 2),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_problems": len(train),
         "eval_problems_per_level": min(eval_problems_per_level, syn.eval_per_level),
