@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lens.data import PLAIN_TEMPLATE, synthetic_problems
+from lens.data import PLAIN_TEMPLATE, last_boxed, synthetic_problems
 from lens.params import Params
 from lens.tiny_model import build_char_tokenizer, build_tiny_model, save_model
 
@@ -31,23 +31,6 @@ WARMUP_FRACTION = 0.05
 
 def completion_text(answer: str) -> str:
     return "\\boxed{" + answer + "}"
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the first \\boxed{...} (braces balanced), or None if there is none or it is unclosed."""
-    start = text.find("\\boxed{")
-    if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth = 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
 
 
 def encode_examples(problems, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,7 +90,7 @@ def sampling_accuracy(model, tokenizer, problems, *, samples: int, max_new_token
             )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for p, text in zip(chunk, texts):
-                got = extract_boxed(text)
+                got = last_boxed(text)
                 correct.setdefault(p.level, []).append(float(got is not None and got.strip() == p.answer.strip()))
     finally:
         tokenizer.padding_side = padding_side

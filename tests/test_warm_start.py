@@ -6,54 +6,16 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import importlib.util
 import json
-import random
-import sys
-import types
 from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-
-def _install_data_stand_in() -> None:
-    """Until lens/data.py lands: a minimal synthetic generator with the contract's signatures."""
-
-    @dataclass(frozen=True)
-    class Problem:
-        id: str
-        problem: str
-        answer: str
-        level: int
-        subject: str
-
-    def synthetic_problems(split, per_level, seed, levels=(1, 2, 3, 4, 5)):
-        rng = random.Random(f"{seed}-{split}")
-        out = []
-        for level in levels:
-            n = per_level[level] if isinstance(per_level, dict) else per_level
-            for i in range(n):
-                a, b = rng.randrange(10 ** level), rng.randrange(10 ** level)
-                out.append(Problem(f"{split}-{level}-{i}", f"{a} + {b} =", str(a + b), level, "arithmetic"))
-        return out
-
-    module = types.ModuleType("lens.data")
-    module.Problem = Problem
-    module.synthetic_problems = synthetic_problems
-    module.PLAIN_TEMPLATE = "Q: {problem}\nA: "
-    module.render_prompt = lambda problem, tokenizer=None, chat_template=False: module.PLAIN_TEMPLATE.format(
-        problem=problem.problem)
-    sys.modules["lens.data"] = module
-
-
-if importlib.util.find_spec("lens.data") is None:
-    _install_data_stand_in()
-
-from lens.params import load_params  # noqa: E402
-from lens.tiny_model import build_char_tokenizer, build_tiny_model, save_model  # noqa: E402
-from lens.warm_start import extract_boxed, warm_start  # noqa: E402
+from lens.params import load_params
+from lens.tiny_model import build_char_tokenizer, build_tiny_model, save_model
+from lens.warm_start import warm_start
 
 TEXTS = [
     "Q: 12 + 345 =\nA: \\boxed{357}",
@@ -141,13 +103,6 @@ def test_model_init_depends_only_on_the_seed(tokenizer):
     assert torch.equal(a.lm_head.weight, b.lm_head.weight)
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
     assert a.lm_head.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()  # tied
-
-
-def test_extract_boxed_takes_the_first_balanced_box():
-    assert extract_boxed("\\boxed{42}") == "42"
-    assert extract_boxed("x \\boxed{\\frac{1}{2}} \\boxed{3}") == "\\frac{1}{2}"
-    assert extract_boxed("\\boxed{12") is None
-    assert extract_boxed("42") is None
 
 
 def test_short_warm_start_reduces_the_loss_and_writes_its_outputs(tmp_path):
