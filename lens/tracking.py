@@ -407,7 +407,7 @@ class Tracker:
         finally:
             self._children.remove(run_id)
             if monitor is not None:
-                monitor.finish()
+                _finish_system_metrics(monitor)
             self._end_run(run_id, exc)
 
     def latest_algo_run(self, algo: str) -> str | None:
@@ -718,3 +718,19 @@ def _policy_pyfunc(max_new_tokens: int):
             return outs
 
     return LensPolicy()
+
+
+def _finish_system_metrics(monitor) -> None:
+    """Stop MLflow's system-metrics monitor without losing its last samples.
+
+    The monitor publishes only at the end of a full sampling interval; finish() cuts the interval short
+    and drops what it had collected, so a run shorter than one interval had no system metrics at all.
+    """
+    monitor.finish()
+    try:
+        pending = monitor.aggregate_metrics()
+        if pending:
+            monitor.publish_metrics(pending)
+            monitor.mlflow_logger.flush()
+    except Exception as exc:  # system metrics are diagnostics: never fail a run over them
+        log.warning("last system-metrics samples not logged: %s", exc)

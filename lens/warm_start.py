@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from lens.params import Params
 from lens.tiny_model import build_char_tokenizer, build_tiny_model, save_model
 
 EVAL_PROBLEMS_PER_LEVEL = 32
-EVAL_SAMPLES_PER_PROBLEM = 4
+EVAL_SAMPLES_PER_PROBLEM = 8
 EVAL_BATCH_SIZE = 256
 WARMUP_FRACTION = 0.05
 
@@ -100,8 +101,7 @@ def sampling_accuracy(model, tokenizer, problems, *, samples: int, max_new_token
 
 def _eval_problems(params: Params, per_level: int):
     syn = params.data.synthetic
-    problems = synthetic_problems("eval", min(per_level, syn.eval_per_level), syn.seed, params.data.levels)
-    return problems
+    return synthetic_problems("eval", min(per_level, syn.eval_per_level), syn.seed, params.data.levels)
 
 
 def warm_start(params: Params, out_dir: str | Path | None = None, *,
@@ -178,7 +178,7 @@ def warm_start(params: Params, out_dir: str | Path | None = None, *,
         "cpu_seconds": round(time.process_time() - cpu_started, 2),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_problems": len(train),
-        "eval_problems_per_level": min(eval_problems_per_level, syn.eval_per_level),
+        "eval_problems_per_level": {str(level): n for level, n in sorted(Counter(p.level for p in eval_set).items())},
         "eval_samples_per_problem": eval_samples,
         "accuracy_per_level": {str(level): acc for level, acc in accuracy.items()},
         "model_dir": str(model_dir),

@@ -119,6 +119,8 @@ def test_short_warm_start_reduces_the_loss_and_writes_its_outputs(tmp_path):
     assert report["steps"] == 30 and not report["stopped_by_time_limit"]
     assert report["final_loss"] < 0.8 * report["initial_loss"]
     assert set(report["accuracy_per_level"]) == {"1", "2"}
+    assert set(report["eval_problems_per_level"]) == {"1", "2"}
+    assert all(1 <= n <= 4 for n in report["eval_problems_per_level"].values())
     assert all(0.0 <= acc <= 1.0 for acc in report["accuracy_per_level"].values())
     assert json.loads((params.warm_start_dir / "warm_start.json").read_text()) == report
     model_dir = params.warm_start_dir / "model"
