@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> object:
         return train_plan(params)
 
     # MLflow: a no-op when tracking.enabled is false; an unreachable server fails here, before any work.
-    from lens.tracking import Tracker, dvc_out_hash, sample_rollouts
+    from lens.tracking import Tracker, dvc_out_hash
 
     if cmd == "train":
         tracker = Tracker(params)
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> object:
         return {k: summary[k] for k in ("metrics", "model", "seconds")}
     if cmd == "compare":
         with Tracker(params, run_name=f"compare-{params.profile}") as tracker:
-            cmp = _compare_and_log(params, tracker, stages, sample_rollouts)
+            cmp = _compare_and_log(params, tracker)
         return {"files": cmp["files"], "mlflow": tracker.run_url()}
     if cmd == "all":
         t0 = time.perf_counter()
@@ -137,13 +137,15 @@ def run(args: argparse.Namespace) -> object:
                     stages.train(p, callbacks=[tracker.step_callback()])
                     tracker.log_eval(stages.evaluate(p, algo))
                     tracker.log_policy(p.algo_dir(algo) / "final", algo)
-            cmp = _compare_and_log(params, tracker, stages, sample_rollouts)
+            cmp = _compare_and_log(params, tracker)
         return {"files": cmp["files"], "mlflow": tracker.run_url(), "seconds": round(time.perf_counter() - t0, 1)}
     raise AssertionError(cmd)
 
 
-def _compare_and_log(params, tracker, stages, sample_rollouts) -> dict:
+def _compare_and_log(params, tracker) -> dict:
+    from lens import stages
     from lens.compare import compare_markdown
+    from lens.tracking import sample_rollouts
 
     cmp = stages.compare(params)
     sample = sample_rollouts(params, params.root / "compare" / "rollouts_sample.parquet")

@@ -8,7 +8,7 @@ the tempered full distribution, as in verl; keep top_p = 1 (the paper's setting)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -35,7 +35,6 @@ class SamplingConfig:
     max_new_tokens: int = 16
     greedy: bool = False
     seed: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class RolloutEngine(Protocol):
