@@ -70,8 +70,10 @@ def cut_at_eos(ids: list[int], logprobs: list[float], eos_ids: set[int]) -> tupl
 class HFEngine:
     """transformers `generate`, sharing the trainer's model object (no weight copy, so sync is free)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, static_cache: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = 256, static_cache: bool = False,
+                 synced_gpus: bool = False):
         self.model = model
+        self.synced_gpus = synced_gpus
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.static_cache = static_cache
@@ -123,6 +125,8 @@ class HFEngine:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         if self.static_cache:
             kwargs["cache_implementation"] = "static"
+        if self.synced_gpus:  # sharded (FSDP) model: every rank runs every decode step, see Trainer
+            kwargs["synced_gpus"] = True
         gen = self.model.generate(**enc, **kwargs)
         prompt_len = enc["input_ids"].shape[1]
         new_tokens = gen.sequences[:, prompt_len:]
@@ -145,12 +149,15 @@ class HFEngine:
         return rollouts
 
 
-def make_engine(params, model, tokenizer) -> RolloutEngine:
-    """The engine `rollout.engine` names, sampling from `model`."""
+def make_engine(params, model, tokenizer, synced_gpus: bool = False) -> RolloutEngine:
+    """The engine `rollout.engine` names, sampling from `model` (`synced_gpus`: the model is FSDP-sharded)."""
     if params.rollout.engine == "hf":
         return HFEngine(model, tokenizer, batch_size=params.rollout.batch_size,
-                        static_cache=params.rollout.static_cache)
+                        static_cache=params.rollout.static_cache, synced_gpus=synced_gpus)
     if params.rollout.engine == "vllm":
+        if synced_gpus:
+            raise ValueError("rollout.engine=vllm with FSDP: the engine needs the full weights gathered on each "
+                             "rank that hosts it, which is not implemented; use the DDP config")
         from lens.rollout_vllm import VLLMEngine  # optional dependency: imported only when asked for
 
         return VLLMEngine.from_params(params, model, tokenizer)

@@ -74,6 +74,7 @@ def train(params: Params, resume: bool = False, max_steps: int | None = None, ca
         summary = {"algo": params.train.algo, "step": trainer.state.step, "done": done,
                    "updates": trainer.state.updates, "skipped_updates": trainer.state.skipped_updates,
                    "seconds": time.perf_counter() - t0, "last_metrics": last,
+                   "distributed": {"type": trainer.accelerator.distributed_type.value, "processes": trainer.world},
                    "verify": trainer.verifier.stats.as_dict()}
         if done:
             summary["final_model"] = str(trainer.save_final())

@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from transformers import get_scheduler
 
 from lens.algorithms import compute_advantages, group_masks
@@ -83,6 +86,14 @@ class Trainer:
         tp = params.train
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        # FSDP (version 2, `fully_shard`): each rank holds a shard of every parameter, so whole-model
+        # operations (checkpoints, generation) are collectives that every rank joins; see `_full_state`.
+        self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.fsdp and not self.accelerator.is_fsdp2:
+            raise ValueError("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config")
+        if self.fsdp and tp.kl_beta > 0:
+            raise ValueError("train.kl_beta > 0 is not supported under FSDP: the frozen reference policy would be "
+                             "a full, unsharded copy on every GPU (the paper's setting is kl_beta=0)")
         self.callbacks = list(callbacks or [])
         self.out_dir = params.algo_dir()
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -114,7 +125,9 @@ class Trainer:
         if tp.kl_beta > 0:  # a frozen copy of the starting policy; beta = 0 loads nothing
             self.ref_model, _ = load_policy(params)
             self.ref_model.to(self.accelerator.device).eval().requires_grad_(False)
-        self.engine = make_engine(params, self.unwrapped_model, self.tokenizer)
+        # Under FSDP every forward pass all-gathers layers (a collective), so all ranks must run the same
+        # number of decode steps: `synced_gpus` keeps a finished rank stepping until every rank is done.
+        self.engine = make_engine(params, self.unwrapped_model, self.tokenizer, synced_gpus=self.fsdp)
         self.verifier = Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers)
         self.state = TrainState()
 
@@ -133,6 +146,10 @@ class Trainer:
     @property
     def unwrapped_model(self):
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
 
     @property
     def samples_per_step(self) -> int:
@@ -283,6 +300,8 @@ class Trainer:
             tokens += int(attention.sum().item())
 
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), tp.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the (replicated) global norm as a DTensor
+            grad_norm = grad_norm.full_tensor()
         flag = torch.tensor([float(nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)))],
                             device=self.accelerator.device)
         if self.accelerator.reduce(flag, reduction="sum").item() > 0:
@@ -427,18 +446,35 @@ class Trainer:
                 return path
         return None
 
+    def _full_state(self) -> tuple[dict, dict]:
+        """(model, optimizer) state dicts, whole and on rank 0's CPU (empty on other ranks).
+
+        A collective: every rank must call it. torch's distributed state-dict API gives the same result for
+        a plain module, DDP and FSDP2 (gathering the shards of the latter), keyed by parameter name, so a
+        checkpoint written by any of them loads into any other.
+        """
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.model, options=options)
+        optim_state = get_optimizer_state_dict(self.model, self._torch_optimizer, options=options)
+        return model_state, optim_state
+
+    def _save_model(self, directory: Path, model_state: dict) -> None:
+        # Only rank 0 writes; `state_dict=` carries the gathered weights (the module's own may be shards).
+        self.unwrapped_model.save_pretrained(directory, state_dict=model_state, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
     def save_checkpoint(self) -> Path:
         """Write to a temporary directory, then rename: a kill mid-write never leaves a half checkpoint."""
         self.accelerator.wait_for_everyone()
         name = f"step-{self.state.step:06d}"
         final = self.ckpt_dir / name
+        model_state, optim_state = self._full_state()
         if self.accelerator.is_main_process:
             tmp = self.ckpt_dir / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.unwrapped_model.save_pretrained(tmp / "model", safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp / "model")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            self._save_model(tmp / "model", model_state)
+            torch.save(optim_state, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             state = self.state.__dict__ | {"rng": {
                 "python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
@@ -450,6 +486,7 @@ class Trainer:
             pointer_tmp.write_text(name)
             os.replace(pointer_tmp, self.ckpt_dir / "latest")
             self._prune_checkpoints()
+        del model_state, optim_state
         self.accelerator.wait_for_everyone()
         return final
 
@@ -459,15 +496,26 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
-        weights = {}
-        for f in sorted((path / "model").glob("*.safetensors")):
-            weights |= load_file(f)
-        # Tied embeddings are saved once; strict=False lets the tied head keep pointing at them.
-        missing, unexpected = self.unwrapped_model.load_state_dict(weights, strict=False)
-        if unexpected or any("lm_head" not in k for k in missing):
-            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
-        # Only tensors and plain containers: weights_only refuses anything that would need unpickling code.
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        # With several processes rank 0 alone reads the files and broadcasts them (for FSDP, each rank keeps
+        # its shard): N ranks reading an 8B checkpoint at once would hold N copies in host memory.
+        broadcast = self.world > 1
+        reader = self.accelerator.is_main_process or not broadcast
+        weights, optim_state = {}, {}
+        if reader:
+            for f in sorted((path / "model").glob("*.safetensors")):
+                weights |= load_file(f)
+            expected = set(self.unwrapped_model.state_dict())
+            missing, unexpected = expected - set(weights), set(weights) - expected
+            # Tied embeddings are saved once; the tied head keeps pointing at them.
+            if unexpected or any("lm_head" not in k for k in missing):
+                raise RuntimeError(f"checkpoint {path} does not match the model: missing {sorted(missing)}, "
+                                   f"unexpected {sorted(unexpected)}")
+            # Only tensors and plain containers: weights_only refuses anything that would need unpickling code.
+            optim_state = torch.load(path / "optimizer.pt", weights_only=True)
+        options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=broadcast)
+        set_model_state_dict(self.model, weights, options=options)
+        set_optimizer_state_dict(self.model, self._torch_optimizer, optim_state, options=options)
+        del weights, optim_state
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         state = json.loads((path / "trainer_state.json").read_text())
         rng = state.pop("rng")
@@ -488,13 +536,14 @@ class Trainer:
     def save_final(self, path: Path | None = None) -> Path:
         path = path or self.out_dir / "final"
         self.accelerator.wait_for_everyone()
+        model_state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.accelerator.is_main_process:
             tmp = path.parent / f".tmp-{path.name}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.unwrapped_model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
+            self._save_model(tmp, model_state)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
+        del model_state
         self.accelerator.wait_for_everyone()
         return path
 

@@ -42,29 +42,36 @@ from tests.conftest import PROJECT_ROOT
 from tests.helpers import SMALL, random_policy, small_params, synthetic_data
 
 CPU_CONFIG = PROJECT_ROOT / "infra" / "accelerate" / "cpu_2proc.yaml"
+FSDP_CONFIG = PROJECT_ROOT / "infra" / "accelerate" / "fsdp_8gpu.yaml"
 NO_TRACKING = ["tracking.enabled=false"]  # MLflow has its own tests; here it would only cost ~17 s per DB
 RTOL_TRAIN = 1e-4
 ATOL_LOGPROB = 1e-4
+ATOL_ADAM = 1e-3  # relative to the tensor's largest entry
 
 
 # ---- sharding-independent sampling (test seam) ----------------------------------------------------
 class GroupSeededEngine:
-    """Wraps an engine: each prompt's G samples come from a seed of (run seed, step, prompt text)."""
+    """Wraps an engine: each prompt's G samples come from a seed of (step seed, prompt text).
 
-    def __init__(self, inner, seed: int):
-        self.inner, self.seed, self.calls = inner, seed, 0
+    The step seed is `sampling.seed`, which `install_group_seeded_engine` makes independent of the rank;
+    being a function of the step, it survives a restart, so a resumed run samples what an unbroken one does.
+    """
 
-    def group_seed(self, prompt: str) -> int:
-        digest = hashlib.sha256(f"{self.seed}|{self.calls}|{prompt}".encode()).digest()
+    def __init__(self, inner):
+        self.inner = inner
+
+    @staticmethod
+    def group_seed(step_seed: int, prompt: str) -> int:
+        digest = hashlib.sha256(f"{step_seed}|{prompt}".encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 1  # torch.manual_seed takes < 2**63 safely
 
     def generate(self, prompts, n, sampling):
         out = []
         for i, prompt in enumerate(prompts):
-            for r in self.inner.generate([prompt], n, dataclasses.replace(sampling, seed=self.group_seed(prompt))):
+            seeded = dataclasses.replace(sampling, seed=self.group_seed(sampling.seed, prompt))
+            for r in self.inner.generate([prompt], n, seeded):
                 r.prompt_index = i
                 out.append(r)
-        self.calls += 1  # one generate call per RL step: the call number is the step
         return out
 
     def sync_weights(self, model):
@@ -77,12 +84,55 @@ class GroupSeededEngine:
 def install_group_seeded_engine(setattr_=setattr) -> None:
     import lens.train
 
-    real = lens.train.make_engine
+    real_engine, real_seed = lens.train.make_engine, lens.train._step_seed
 
-    def make_engine(params, model, tokenizer):
-        return GroupSeededEngine(real(params, model, tokenizer), params.run.seed)
+    def make_engine(params, model, tokenizer, **kwargs):
+        return GroupSeededEngine(real_engine(params, model, tokenizer, **kwargs))
+
+    def step_seed(seed, step, rank=0, stream=0):  # the same on every rank
+        return real_seed(seed, step, 0, stream)
 
     setattr_(lens.train, "make_engine", make_engine)
+    setattr_(lens.train, "_step_seed", step_seed)
+
+
+# ---- FSDP on the CPU (test seam) --------------------------------------------------------------------
+def force_fsdp_on_cpu(config: Path = FSDP_CONFIG) -> None:
+    """Make the trainer's Accelerator run FSDP2 over gloo, with the FSDP settings of the shipped GPU config.
+
+    accelerate only turns FSDP on for accelerator devices (its FSDP branch lists CUDA, XPU, NPU...; a CPU
+    run becomes MULTI_CPU = DDP), although torch's `fully_shard` itself works on CPU tensors with gloo.
+    So this seam sets the FSDP_* environment that `accelerate launch --config_file fsdp_8gpu.yaml` sets
+    (minus bf16, which the CPU test does not want), builds the plugin from it, and overrides the
+    distributed type after construction. Everything downstream is the real thing: accelerate's FSDP2
+    preparation (one `fully_shard` unit per decoder layer, rank-0 loading with broadcast), DTensor
+    parameters, sharded AdamW state, FSDP's gradient reduce-scatter, and the trainer's FSDP code paths.
+    """
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    import lens.train
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--mixed_precision", "no", "x.py"])
+    args, _, _ = _validate_launch_command(args)
+    for key, value in prepare_multi_gpu_env(args).items():
+        if key.startswith("FSDP_") or key in ("ACCELERATE_USE_FSDP", "ACCELERATE_MIXED_PRECISION"):
+            os.environ[key] = value
+    real = lens.train.Accelerator
+
+    def fsdp_accelerator(**kwargs):
+        plugin = FullyShardedDataParallelPlugin()
+        accelerator = real(**kwargs, fsdp_plugin=plugin)
+        assert accelerator.distributed_type == DistributedType.MULTI_CPU, accelerator.distributed_type
+        # Both state objects: AcceleratorState() re-copies PartialState's fields every time it is constructed.
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        return accelerator
+
+    lens.train.Accelerator = fsdp_accelerator
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -158,22 +208,42 @@ def test_two_processes_shard_prompts_reduce_metrics_and_write_one_checkpoint(tmp
     assert summary["done"] and summary["updates"] == 3 * 2 and summary["skipped_updates"] == 0
 
 
-@pytest.mark.slow
-def test_two_processes_with_the_same_global_batch_match_one_process(tmp_path, monkeypatch):
-    extra = ["train.algo=lens", "train.loss_agg=token-mean", "train.mini_batch_size=16",  # one update per step
-             "train.lr_schedule=linear", "train.warmup_steps=1", "train.lr=1e-3"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    p1 = _setup(one, *extra)
-    _setup(two, *extra)
-    args = ["train", "--profile", "tiny", *SMALL, *NO_TRACKING, *extra]
+EQUIVALENCE = ["train.algo=lens", "train.loss_agg=token-mean", "train.mini_batch_size=16",  # one update per step
+               "train.lr_schedule=linear", "train.warmup_steps=1", "train.lr=1e-3"]
+EQUIVALENCE_ARGS = ["train", "--profile", "tiny", *SMALL, *NO_TRACKING, *EQUIVALENCE]
 
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """The reference: the same 3 steps in this process, with the same sharding-independent sampling."""
     from lens import cli
 
-    install_group_seeded_engine(monkeypatch.setattr)
-    assert cli.main([*args, f"run.output_root={one}"]) == 0
-    accelerate_launch("tests.test_multiprocess", [*args, f"run.output_root={two}"])
+    root = tmp_path_factory.mktemp("one")
+    params = _setup(root, *EQUIVALENCE)
+    with pytest.MonkeyPatch.context() as mp:
+        install_group_seeded_engine(mp.setattr)
+        assert cli.main([*EQUIVALENCE_ARGS, f"run.output_root={root}"]) == 0
+    return params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_two_processes_with_the_same_global_batch_match_one_process(backend, one_process_run, tmp_path):
+    """DDP and FSDP2, each run as a user would after a crash: 2 steps, then `--resume` for the third.
+
+    So the two-process checkpoint (gathered weights and optimizer state) is written by one launch and read
+    back, sharded again, by the next; a mistake there changes the third step's update.
+    """
+    p1, two = one_process_run, tmp_path / "two"
+    _setup(two, *EQUIVALENCE)
+    seam = ["--fsdp-on-cpu"] if backend == "fsdp" else []
+    accelerate_launch("tests.test_multiprocess", [*seam, *EQUIVALENCE_ARGS, f"run.output_root={two}", "--max-steps", "2"])
+    accelerate_launch("tests.test_multiprocess", [*seam, *EQUIVALENCE_ARGS, f"run.output_root={two}", "--resume"])
 
     out1, out2 = p1.algo_dir("lens"), (two / "tiny" / "lens")
+    summary = json.loads((out2 / "train_summary.json").read_text())
+    assert summary["distributed"] == {"type": "FSDP" if backend == "fsdp" else "MULTI_CPU", "processes": 2}
+    assert summary["done"] and summary["step"] == 3
     t1, t2 = rollout_tables(out1), rollout_tables(out2)
     assert sorted(t1) == sorted(t2) == [0, 1, 2]
     for step in t1:
@@ -194,12 +264,27 @@ def test_two_processes_with_the_same_global_batch_match_one_process(tmp_path, mo
     # warm-up over 1 update then linear decay to 0 at update 3: the LR *after* each step's update
     assert [r["train/lr"] for r in rows1] == pytest.approx([1e-3, 5e-4, 0.0])
 
+    # The checkpoints hold whole, name-keyed optimizer state whatever the backend (FSDP's shards gathered).
+    opt1, opt2 = (torch_load(out / "checkpoints" / "step-000003" / "optimizer.pt") for out in (out1, out2))
+    assert opt1["state"].keys() == opt2["state"].keys() and len(opt1["state"]) > 0
+    for name, s1 in opt1["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = s1[key], opt2["state"][name][key]
+            assert a.shape == b.shape, (name, key)
+            assert (a - b).abs().max().item() <= ATOL_ADAM * max(a.abs().max().item(), 1e-12) + 1e-12, (name, key)
+
     probe = [f"Q: {i}+{j}=?\nA: \\boxed{{{i + j}}}" for i, j in [(1, 2), (3, 4), (12, 30), (7, 8)]]
     start = probe_logprobs(p1.warm_start_dir / "model", probe)
     lp1, lp2 = probe_logprobs(out1 / "final", probe), probe_logprobs(out2 / "final", probe)
     diff, moved = (lp1 - lp2).abs().max().item(), (lp1 - start).abs().max().item()
     assert diff <= ATOL_LOGPROB, diff
     assert moved >= 100 * ATOL_LOGPROB, f"training barely moved the policy ({moved}): the comparison says nothing"
+
+
+def torch_load(path: Path):
+    import torch
+
+    return torch.load(path, weights_only=True)
 
 
 def test_paper_dry_run_prints_the_batch_arithmetic_and_loads_nothing(tmp_path):
@@ -267,8 +352,12 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_model(tmp_path):
         assert run["rollout_tok_s"] > 0 and run["train_tok_s"] > 0 and run["step_s"] > 0
 
 
-if __name__ == "__main__":  # the CLI with sharding-independent sampling, for the equivalence test
+if __name__ == "__main__":  # the CLI with sharding-independent sampling (and --fsdp-on-cpu), for the tests above
     from lens import cli
 
+    argv = sys.argv[1:]
+    if "--fsdp-on-cpu" in argv:
+        argv.remove("--fsdp-on-cpu")
+        force_fsdp_on_cpu()
     install_group_seeded_engine()
-    sys.exit(cli.main(sys.argv[1:]))
+    sys.exit(cli.main(argv))
