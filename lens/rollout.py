@@ -150,14 +150,12 @@ class HFEngine:
 
 
 def make_engine(params, model, tokenizer, synced_gpus: bool = False) -> RolloutEngine:
-    """The engine `rollout.engine` names, sampling from `model` (`synced_gpus`: the model is FSDP-sharded)."""
+    """The engine `rollout.engine` names, sampling from `model` (`synced_gpus`: the model is FSDP-sharded,
+    HF engine only: `lens.train.check_fsdp_support` refuses the others under FSDP)."""
     if params.rollout.engine == "hf":
         return HFEngine(model, tokenizer, batch_size=params.rollout.batch_size,
                         static_cache=params.rollout.static_cache, synced_gpus=synced_gpus)
     if params.rollout.engine == "vllm":
-        if synced_gpus:
-            raise ValueError("rollout.engine=vllm with FSDP: the engine needs the full weights gathered on each "
-                             "rank that hosts it, which is not implemented; use the DDP config")
         from lens.rollout_vllm import VLLMEngine  # optional dependency: imported only when asked for
 
         return VLLMEngine.from_params(params, model, tokenizer)

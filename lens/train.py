@@ -75,6 +75,21 @@ class TrainState:
     consecutive_nonfinite: int = 0
 
 
+def check_fsdp_support(params, fsdp: bool, fsdp2: bool) -> None:
+    """Refuse, before loading anything, the FSDP set-ups the trainer does not implement."""
+    if not fsdp:
+        return
+    if not fsdp2:
+        raise ValueError("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config")
+    if params.train.kl_beta > 0:
+        raise ValueError("train.kl_beta > 0 is not supported under FSDP: the frozen reference policy would be "
+                         "a full, unsharded copy on every GPU (the paper's setting is kl_beta=0)")
+    if params.rollout.engine != "hf":
+        raise ValueError(f"rollout.engine={params.rollout.engine} is not supported under FSDP: the engine would "
+                         "need the full weights gathered on each rank that hosts it; use rollout.engine=hf or "
+                         "the DDP config (infra/accelerate/README.md)")
+
+
 def _step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1)[0])
 
@@ -89,11 +104,7 @@ class Trainer:
         # FSDP (version 2, `fully_shard`): each rank holds a shard of every parameter, so whole-model
         # operations (checkpoints, generation) are collectives that every rank joins; see `_full_state`.
         self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
-        if self.fsdp and not self.accelerator.is_fsdp2:
-            raise ValueError("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config")
-        if self.fsdp and tp.kl_beta > 0:
-            raise ValueError("train.kl_beta > 0 is not supported under FSDP: the frozen reference policy would be "
-                             "a full, unsharded copy on every GPU (the paper's setting is kl_beta=0)")
+        check_fsdp_support(params, self.fsdp, self.accelerator.is_fsdp2)
         self.callbacks = list(callbacks or [])
         self.out_dir = params.algo_dir()
         self.ckpt_dir = self.out_dir / "checkpoints"
