@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -67,6 +68,37 @@ def cut_at_eos(ids: list[int], logprobs: list[float], eos_ids: set[int]) -> tupl
     return ids, logprobs, True
 
 
+class SampledTokenLogprobs(LogitsProcessor):
+    """Collects log softmax(logits / temperature) of each sampled token while `generate` runs.
+
+    transformers calls its logits processors before the sampling warpers (temperature, top-p), so the
+    scores seen here are the model's, and the token sampled from them shows up as the last column of
+    `input_ids` at the next call. Only one step's distribution (batch x vocab) is held at a time;
+    `output_logits=True` would keep every step's (batch x new tokens x vocab: with a 150k vocabulary,
+    256 sequences of 1024 tokens would hold ~150 GB in fp32).
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None   # [B, V] the step whose token is not yet known
+        self.collected: list[torch.Tensor] = []    # one [B] tensor per sampled token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self.collected.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.LongTensor) -> torch.Tensor:
+        """[B, new tokens] log-probs, given generate's output sequences (whose last token is still pending)."""
+        if self.pending is not None:
+            self.collected.append(self.pending.gather(-1, sequences[:, -1:]).squeeze(-1))
+            self.pending = None
+        if not self.collected:
+            return torch.zeros((sequences.shape[0], 0))
+        return torch.stack(self.collected, dim=1).cpu()
+
+
 class HFEngine:
     """transformers `generate`, sharing the trainer's model object (no weight copy, so sync is free)."""
 
@@ -111,11 +143,13 @@ class HFEngine:
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
+        temperature = 1.0 if sampling.greedy else sampling.temperature
+        recorder = SampledTokenLogprobs(temperature)
         kwargs = dict(
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=1 if sampling.greedy else n,
             do_sample=not sampling.greedy,
-            output_logits=True,
+            logits_processor=LogitsProcessorList([recorder]),
             return_dict_in_generate=True,
             use_cache=True,  # gradient checkpointing turns the config's cache off; generation needs it
             pad_token_id=tok.pad_token_id,
@@ -130,12 +164,8 @@ class HFEngine:
         gen = self.model.generate(**enc, **kwargs)
         prompt_len = enc["input_ids"].shape[1]
         new_tokens = gen.sequences[:, prompt_len:]
-        temperature = 1.0 if sampling.greedy else sampling.temperature
-        # One decode step at a time: stacking all steps' logits would hold batch x tokens x vocab floats
-        # (tens of GB for a 150k vocabulary), while the sampled tokens' log-probs are all we need.
-        logprobs = torch.stack([
-            torch.log_softmax(step_logits.float() / temperature, dim=-1).gather(-1, new_tokens[:, t:t + 1]).squeeze(-1)
-            for t, step_logits in enumerate(gen.logits)], dim=1)                  # [B*n, T]
+        logprobs = recorder.finish(gen.sequences)                                  # [B*n, T]
+        assert logprobs.shape == new_tokens.shape, (logprobs.shape, new_tokens.shape)
 
         reps = 1 if sampling.greedy else n
         rollouts = []

@@ -50,8 +50,11 @@ def test_rollout_logprobs_agree_with_the_trainer_forward_pass(tmp_path):
     """Otherwise the PPO ratio is not 1 on-policy and the clipped loss is wrong from the first update."""
     _, model, tok, engine = _engine(tmp_path)
     prompts = ["Q: 1+2\nA: ", "Q: 35+17-4\nA: "]  # different lengths: left padding in generate
-    for temperature in (1.0, 0.7):
-        out = engine.generate(prompts, 3, SamplingConfig(temperature=temperature, max_new_tokens=8, seed=1))
+    # top_p < 1 samples from the truncated distribution but reports the tempered full one (module docstring):
+    # this also checks that the log-probs are recorded before transformers' warpers touch the scores.
+    for temperature, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.5)):
+        out = engine.generate(prompts, 3, SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=8,
+                                                         seed=1))
         for r in out:
             seq = torch.tensor([r.prompt_ids + r.completion_ids])
             with torch.no_grad():
