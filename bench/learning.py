@@ -131,16 +131,27 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    # One colour per lr, solid LENS / dashed GRPO; thin lines are seeds, thick ones their mean.
+    lrs = sorted({r["lr"] for r in results})
+    window = 10  # rollout accuracy is noisy per step: a running mean over 10 steps
+    groups: dict[tuple, list[dict]] = {}
     for r in results:
-        label = run_name(r["algo"], r["lr"], r["seed"])
-        style = "-" if r["algo"] == "lens" else "--"
-        steps = [int(s) for s in r["evals"]]
-        ax1.plot(steps, [r["evals"][str(s)]["acc"] for s in steps], style, marker="o", label=label)
-        xs = [c["step"] for c in r["curve"]]
-        ys = [c["train/acc"] for c in r["curve"]]
-        window = 10  # rollout accuracy is noisy per step: a running mean over 10 steps
-        smooth = [statistics.fmean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
-        ax2.plot(xs, smooth, style, label=label)
+        groups.setdefault((r["algo"], r["lr"]), []).append(r)
+    for (algo, lr), runs in sorted(groups.items()):
+        color, style = f"C{lrs.index(lr) % 10}", "-" if algo == "lens" else "--"
+        steps = sorted(int(s) for s in runs[0]["evals"])
+        for r in runs:
+            ax1.plot(steps, [r["evals"][str(s)]["acc"] for s in steps], style, color=color, alpha=0.3, lw=0.8)
+            ys = [c["train/acc"] for c in r["curve"]]
+            smooth = [statistics.fmean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+            ax2.plot([c["step"] for c in r["curve"]], smooth, style, color=color, alpha=0.3, lw=0.8)
+        label = f"{algo} lr={lr:g} ({len(runs)} seeds)"
+        ax1.plot(steps, [statistics.fmean(r["evals"][str(s)]["acc"] for r in runs) for s in steps], style,
+                 color=color, marker="o", lw=2, label=label)
+        length = min(len(r["curve"]) for r in runs)
+        mean = [statistics.fmean(r["curve"][i]["train/acc"] for r in runs) for i in range(length)]
+        smooth = [statistics.fmean(mean[max(0, i - window + 1):i + 1]) for i in range(length)]
+        ax2.plot([runs[0]["curve"][i]["step"] for i in range(length)], smooth, style, color=color, lw=2, label=label)
     ax1.set(xlabel="RL step", ylabel="eval accuracy (all levels)", title="eval")
     ax2.set(xlabel="RL step", ylabel="rollout accuracy (running mean, 10 steps)", title="train")
     ax1.legend(fontsize=7)
