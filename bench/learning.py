@@ -6,7 +6,7 @@ evaluated on the eval split (eval.samples_per_problem samples per problem) at st
 `--eval-every` steps. GRPO and LENS runs with the same seed share the prompt order, the eval sampling seed
 and hence the eval problems, so their difference is paired per seed.
 
-    .venv/bin/python bench/learning.py --algos grpo lens --lrs 1e-4 3e-4 --seeds 0 1 --steps 200 --jobs 2
+    .venv/bin/python bench/learning.py --algos grpo lens --lrs 3e-5 1e-4 --seeds 0 1 2 --steps 300 --jobs 2
 
 Writes <out>/results.json (every eval and the per-step train curves), <out>/summary.md (per algo x lr:
 eval accuracy per level at the last step, mean over seeds, change from step 0, and the LENS - GRPO paired
@@ -163,7 +163,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--algos", nargs="+", default=["grpo", "lens"], choices=["grpo", "lens"])
-    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4])
+    ap.add_argument("--lrs", nargs="+", type=float, default=[3e-5])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=100)
