@@ -27,7 +27,7 @@ def test_overrides_apply_after_the_profile():
     ("train.algo=ppo", "train.algo"),
     ("rollout.top_p=1.5", "rollout.top_p"),
     ("data.levels=[0,6]", "data"),
-    ("train.micro_batch_size=128", "train"),
+    ("train.micro_batch_size=1000000", "train"),  # larger than any mini-batch: micro <= mini is violated
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
