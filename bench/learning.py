@@ -163,7 +163,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--algos", nargs="+", default=["grpo", "lens"], choices=["grpo", "lens"])
-    ap.add_argument("--lrs", nargs="+", type=float, default=[3e-5])
+    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4])  # the tiny profile's
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=100)
