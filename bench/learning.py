@@ -124,6 +124,10 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -143,15 +147,13 @@ def plot(results: list[dict], path: Path) -> None:
         for r in runs:
             ax1.plot(steps, [r["evals"][str(s)]["acc"] for s in steps], style, color=color, alpha=0.3, lw=0.8)
             ys = [c["train/acc"] for c in r["curve"]]
-            smooth = [statistics.fmean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
-            ax2.plot([c["step"] for c in r["curve"]], smooth, style, color=color, alpha=0.3, lw=0.8)
+            ax2.plot([c["step"] for c in r["curve"]], running_mean(ys, window), style, color=color, alpha=0.3, lw=0.8)
         label = f"{algo} lr={lr:g} ({len(runs)} seeds)"
         ax1.plot(steps, [statistics.fmean(r["evals"][str(s)]["acc"] for r in runs) for s in steps], style,
                  color=color, marker="o", lw=2, label=label)
         length = min(len(r["curve"]) for r in runs)
         mean = [statistics.fmean(r["curve"][i]["train/acc"] for r in runs) for i in range(length)]
-        smooth = [statistics.fmean(mean[max(0, i - window + 1):i + 1]) for i in range(length)]
-        ax2.plot([runs[0]["curve"][i]["step"] for i in range(length)], smooth, style, color=color, lw=2, label=label)
+        ax2.plot([runs[0]["curve"][i]["step"] for i in range(length)], running_mean(mean, window), style, color=color, lw=2, label=label)
     ax1.set(xlabel="RL step", ylabel="eval accuracy (all levels)", title="eval")
     ax2.set(xlabel="RL step", ylabel="rollout accuracy (running mean, 10 steps)", title="train")
     ax1.legend(fontsize=7)

@@ -75,6 +75,10 @@ class TrainState:
     consecutive_nonfinite: int = 0
 
 
+# Whole (gathered) state dicts, offloaded to rank 0's CPU; other ranks get empty dicts.
+FULL_ON_RANK0_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def check_fsdp_support(params, fsdp: bool, fsdp2: bool) -> None:
     """Refuse, before loading anything, the FSDP set-ups the trainer does not implement."""
     if not fsdp:
@@ -464,9 +468,8 @@ class Trainer:
         a plain module, DDP and FSDP2 (gathering the shards of the latter), keyed by parameter name, so a
         checkpoint written by any of them loads into any other.
         """
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.model, options=options)
-        optim_state = get_optimizer_state_dict(self.model, self._torch_optimizer, options=options)
+        model_state = get_model_state_dict(self.model, options=FULL_ON_RANK0_CPU)
+        optim_state = get_optimizer_state_dict(self.model, self._torch_optimizer, options=FULL_ON_RANK0_CPU)
         return model_state, optim_state
 
     def _save_model(self, directory: Path, model_state: dict) -> None:
@@ -547,7 +550,7 @@ class Trainer:
     def save_final(self, path: Path | None = None) -> Path:
         path = path or self.out_dir / "final"
         self.accelerator.wait_for_everyone()
-        model_state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_state = get_model_state_dict(self.model, options=FULL_ON_RANK0_CPU)  # collective, see _full_state
         if self.accelerator.is_main_process:
             tmp = path.parent / f".tmp-{path.name}"
             shutil.rmtree(tmp, ignore_errors=True)
