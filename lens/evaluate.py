@@ -31,13 +31,14 @@ from __future__ import annotations
 import json
 import operator
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lens.records import atomic_write_text
 
 # ---- statistics (model-free) -------------------------------------------------------------------
 
@@ -235,26 +236,6 @@ def problem_results(summary: dict[str, Any]) -> list[ProblemResult]:
     return [ProblemResult.from_dict(d) for d in summary.get("problems", [])]
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def write_eval(path: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
     """Write a summary as JSON (atomically; NaN/inf raise ValueError). Returns the path."""
     return atomic_write_text(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -321,3 +302,14 @@ def evaluate_policy(params, model_path: str | Path, problems, engine=None) -> di
     summary["sampling"] = {"temperature": ev.temperature, "top_p": ev.top_p, "max_new_tokens": ev.max_new_tokens,
                            "samples_per_problem": n}
     return summary
+
+
+def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Flat `eval/...` metrics of a summary: its "metrics" plus each scope's CI bounds
+    (eval/acc_ci_low/_high, eval/acc_level_{L}_ci_low/_high)."""
+    metrics = dict(summary.get("metrics", {}))
+    scopes = [("", summary.get("overall"))] + [(f"_level_{lv}", b) for lv, b in (summary.get("levels") or {}).items()]
+    for name, block in scopes:
+        if block and "acc_ci" in block:
+            metrics[f"eval/acc{name}_ci_low"], metrics[f"eval/acc{name}_ci_high"] = block["acc_ci"]
+    return metrics

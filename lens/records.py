@@ -1,0 +1,201 @@
+"""The files of a run, written and read in one place: layout, atomic writes, metrics.jsonl, rollouts.
+
+runs/<profile>/<arm>/ holds `metrics.jsonl` (one JSON row per completed step: {"step": n, "train/...",
+"perf/...", "verify/..."}), `rollouts/step-NNNNNN.parquet` (ROLLOUT_COLUMNS, one file per step, named by
+the number of steps completed before it), `rollouts/round-NNNN.json`, `checkpoints/`, `final/` (a
+transformers directory), `train_summary.json` and `eval.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+# ---- layout -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where one arm's run keeps its files (`RunFiles(params.algo_dir(arm))`)."""
+
+    dir: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def rollouts(self) -> Path:
+        return self.dir / "rollouts"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.dir / "final"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.dir / "train_summary.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.dir / "eval.json"
+
+    def rollout_file(self, step: int) -> Path:
+        return self.rollouts / f"step-{step:06d}.parquet"
+
+    def round_manifest(self, index: int) -> Path:
+        return self.rollouts / f"round-{index:04d}.json"
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` via a temporary file in the same directory and os.replace: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, **dumps_kwargs: Any) -> Path:
+    dumps_kwargs.setdefault("indent", 2)
+    return atomic_write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# ---- metrics.jsonl ------------------------------------------------------------------------------
+
+
+def append_metrics(path: str | os.PathLike[str], row: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(dict(row)) + "\n")
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, one per step (the last row of a step wins), ordered by step.
+
+    A torn last line (a process killed mid-write) is skipped with a warning; a bad line elsewhere raises
+    ValueError naming the file and line.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    by_step: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                log.warning("%s: line %d is incomplete (a write was cut short); ignored", path, number)
+                continue
+            raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
+        by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> None:
+    """Keep the rows of steps <= `last_step` (a resume drops the lost future), rewritten atomically."""
+    path = Path(path)
+    if path.exists():
+        rows = [r for r in read_metrics(path) if r["step"] <= last_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---- rollouts -----------------------------------------------------------------------------------
+
+# What the model wrote and what the algorithm did with it: one row per sampled completion.
+ROLLOUT_COLUMNS = ("step", "problem_id", "level", "prompt", "completion", "reward", "mean_logprob",
+                   "advantage", "num_tokens", "truncated", "sample", "rank")
+
+
+def write_rollouts(path: str | os.PathLike[str], columns: Mapping[str, Sequence[Any]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if tuple(columns) != ROLLOUT_COLUMNS:
+        raise ValueError(f"rollout columns {tuple(columns)} != {ROLLOUT_COLUMNS}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.table(dict(columns)), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_rollouts(files: Iterable[str | os.PathLike[str]], columns: Sequence[str] | None = None):
+    """The rows of rollout parquet files as one pandas DataFrame (`columns`: a subset)."""
+    import pandas as pd
+
+    frames = [pd.read_parquet(f, columns=list(columns) if columns else None) for f in files]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(columns or ROLLOUT_COLUMNS))
+
+
+def last_rollout_files(rollouts_dir: str | os.PathLike[str], count: int) -> list[Path]:
+    return sorted(Path(rollouts_dir).glob("step-*.parquet"))[-count:] if count > 0 else []
+
+
+def sample_rollouts(rollout_dirs: Mapping[str, Path], out_path: str | os.PathLike[str], rows_per_arm: int,
+                    last_steps: int = 3, seed: int = 0) -> Path | None:
+    """A parquet sample of what each arm's policy wrote in its last `last_steps` steps, with an `algo`
+    column; None when no arm has rollouts."""
+    import pandas as pd
+
+    frames = []
+    for arm, directory in rollout_dirs.items():
+        files = last_rollout_files(directory, last_steps)
+        if not files:
+            continue
+        df = read_rollouts(files)
+        if len(df) > rows_per_arm:
+            df = df.sample(n=rows_per_arm, random_state=seed).sort_index()
+        frames.append(df.assign(algo=arm))
+    if not frames:
+        return None
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
+    os.replace(tmp, out_path)
+    return out_path
