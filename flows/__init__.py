@@ -1,4 +1,3 @@
-"""Prefect recipes over `lens.stages`: `flows.lens_train.lens_train` ("lens-train") trains and evaluates one
-algorithm; `flows.lens_compare.lens_compare` ("lens-compare") runs GRPO and LENS on the same data, seed and
-budget and publishes the comparison. Shared tasks and the training session live in `flows.common`.
-Deployments are declared in infra/deployments.py."""
+"""Prefect recipes over lens.pipeline: `lens-train` (flows.lens_train) trains and evaluates one arm;
+`lens-compare` (flows.lens_compare) runs every arm of compare.arms and compares them. flows.runner runs
+the pipeline's phases as Prefect tasks. Deployments are declared in infra/deployments.py."""

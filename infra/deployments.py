@@ -15,7 +15,7 @@ Commands (PREFECT_API_URL must point at the server; infra/services.sh sets it):
 Parameters are typed and the API enforces each deployment's parameter schema, so an unknown profile or
 algo is refused before a flow run exists. When LENS_TRACKING_URI is set in the serving process's
 environment (services.sh sets it to the local MLflow server), its flow runs log to that MLflow server
-(flows.common.environment_overrides); a run's `-p 'overrides=[...]'` come on top of that.
+(flows.runner.resolve_params); a run's `-p 'overrides=[...]'` come on top of that.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from lens import estimators
 from lens.params import ParamsError, flatten, load_params
 
 COMMANDS = {
@@ -15,8 +16,8 @@ COMMANDS = {
     "warm-start": "build and supervise the tiny model so RL has a start (tiny profile)",
     "train": "RL-train with GRPO or LENS (--algo), checkpointing; --resume continues a killed run",
     "evaluate": "per-level accuracy and pass@k of a trained policy (--algo or --model)",
-    "compare": "GRPO vs LENS per level with paired-bootstrap confidence intervals",
-    "all": "prepare, warm-start, train and evaluate both algorithms, compare",
+    "compare": "every arm (compare.arms) vs the baseline per level, paired-bootstrap confidence intervals",
+    "all": "prepare, warm-start, train and evaluate every arm of compare.arms, compare",
     "params": "print the resolved parameters (--explain: with one-line meanings)",
 }
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params-file", default=None, help="params file (default: the project's params.yaml)")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         if name in ("train", "evaluate"):
-            p.add_argument("--algo", choices=["grpo", "lens"], default=None, help="sets train.algo")
+            p.add_argument("--algo", choices=estimators.names(), default=None, help="sets train.algo")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
             p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps")
@@ -102,56 +103,44 @@ def run(args: argparse.Namespace) -> object:
         return train_plan(params)
 
     # MLflow: a no-op when tracking.enabled is false; an unreachable server fails here, before any work.
-    from lens.tracking import Tracker, dvc_out_hash
+    from lens import pipeline, versioning
+    from lens.loop import Runner
+    from lens.tracking import Tracker
 
+    runner = Runner()
     if cmd == "train":
         tracker = Tracker(params)
-        algo = params.train.algo
-        with tracker.algo_run(algo, params):
-            tracker.log_dataset(params, params.data_dir, dvc_hash=dvc_out_hash(params.data_dir))
-            summary = stages.train(params, resume=args.resume, max_steps=args.max_steps,
-                                   callbacks=[tracker.step_callback()])
+        with tracker.algo_run(params.train.algo, params):
+            pipeline.record_dataset(tracker, params, versioning.data_hash(params.data_dir))
+            summary = pipeline.train_arm(params, tracker, runner, resume=args.resume, max_steps=args.max_steps)
             if summary["done"]:
-                tracker.log_policy(params.algo_dir(algo) / "final", algo)
+                pipeline.publish_policy(params, tracker, runner)
         return summary
     if cmd == "evaluate":
-        summary = stages.evaluate(params, args.algo, model_path=args.model, out_path=args.out)
         tracker = Tracker(params)
         algo = params.train.algo
         with tracker.algo_run(algo, params, run_id=tracker.latest_algo_run(algo)):
-            tracker.log_eval(summary)
+            summary = pipeline.evaluate_arm(params, tracker, runner, model_path=args.model, out_path=args.out)
         return {k: summary[k] for k in ("metrics", "model", "seconds")}
     if cmd == "compare":
         with Tracker(params, run_name=f"compare-{params.profile}") as tracker:
-            cmp = _compare_and_log(params, tracker)
-        return {"files": cmp["files"], "mlflow": tracker.run_url()}
+            cmp = pipeline.run_comparison(params, tracker, runner)
+        return _comparison_result(cmp, tracker.run_url())
     if cmd == "all":
         t0 = time.perf_counter()
-        with Tracker(params, run_name=f"all-{params.profile}") as tracker:
-            stages.prepare(params)
-            stages.warm_start(params)
-            for algo in stages.ALGOS:
-                p = load_params(args.profile, overrides + [f"train.algo={algo}"], args.params_file)
-                with tracker.algo_run(algo, p):
-                    tracker.log_dataset(p, p.data_dir)
-                    stages.train(p, callbacks=[tracker.step_callback()])
-                    tracker.log_eval(stages.evaluate(p, algo))
-                    tracker.log_policy(p.algo_dir(algo) / "final", algo)
-            cmp = _compare_and_log(params, tracker)
-        return {"files": cmp["files"], "mlflow": tracker.run_url(), "seconds": round(time.perf_counter() - t0, 1)}
+        result = pipeline.run_pipeline(
+            params, lambda arm: load_params(args.profile, overrides + [f"train.algo={arm}"], args.params_file),
+            runner, arms=params.compare.arms, compare=True, run_name=f"all-{params.profile}")
+        return _comparison_result(result["comparison"], result["mlflow_url"]) | {
+            "seconds": round(time.perf_counter() - t0, 1)}
     raise AssertionError(cmd)
 
 
-def _compare_and_log(params, tracker) -> dict:
-    from lens import stages
-    from lens.compare import compare_markdown
-    from lens.tracking import sample_rollouts
+def _comparison_result(cmp: dict, mlflow_url: str | None) -> dict:
+    from lens.compare_report import comparison_markdown
 
-    cmp = stages.compare(params)
-    sample = sample_rollouts(params, params.root / "compare" / "rollouts_sample.parquet")
-    tracker.log_comparison(cmp, cmp["files"], sample)
-    print(compare_markdown(cmp))
-    return cmp
+    print(comparison_markdown(cmp))
+    return {"files": cmp["files"], "mlflow": mlflow_url}
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

@@ -1,49 +1,22 @@
-"""Compare two evaluation summaries (e.g. GRPO vs LENS) problem by problem.
-
-``compare(a, b)`` pairs the problems of two ``lens.evaluate.summarize`` outputs by id (problems present in
-only one arm are counted and left out) and reports, overall and per level:
-
-* each arm's accuracy (mean over problems of c/n) with its percentile-bootstrap CI;
-* the difference ``b - a`` with a PAIRED bootstrap CI: every resample draws one set of problem indices
-  and uses it for both arms, so problem difficulty cancels out of the difference;
-* ``p_boot``: two-sided bootstrap p-value, 2 * min(P*(diff <= 0), P*(diff >= 0)) over the resamples,
-  capped at 1 (resolution 1/B; 0 means "no resample crossed zero");
-* a sign test on the per-problem accuracy differences: ``wins`` (b higher), ``losses`` (a higher),
-  ``ties``, and ``sign_test_p``, the exact two-sided binomial p-value of wins vs losses (ties dropped).
-
-Overall pass@k rows (k reported by both summaries and <= the smallest n of the paired problems) and, when
-both arms have it, greedy accuracy get the same paired treatment.
-
-All of this is resampling over problems: it says whether the difference would survive a different draw
-of problems; it does not measure the variance across training seeds.
+"""Paired statistics between evaluation summaries: ``compare`` for two arms, ``compare_arms`` for N arms
+against a baseline. Reports (markdown, CSV, plots, metrics) are in lens.compare_report.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import os
+import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lens.evaluate import (
-    ProblemResult,
-    atomic_write_text,
-    bootstrap_means,
-    pass_at_k,
-    percentile_ci,
-    problem_results,
-)
+from lens.evaluate import ProblemResult, bootstrap_means, pass_at_k, percentile_ci, problem_results
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
 _ROW_KEYS = {"k", "n_problems", "diff", "diff_ci", "p_boot", "wins", "losses", "ties", "sign_test_p"}
-DEFAULT_CURVE_KEYS = ("train/reward_mean", "train/acc", "train/frac_groups_all_wrong",
-                      "train/frac_samples_with_signal")
+# Arm names become file names (curves/<arm>.csv), MLflow key parts and table columns.
+_ARM_NAME = re.compile(r"\w[\w.\-]*")
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -114,6 +87,23 @@ def compare(a: dict[str, Any], b: dict[str, Any], names: Sequence[str] = ("grpo"
             bootstrap_samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """Paired comparison of summaries ``a`` and ``b`` (differences are b - a). JSON-serialisable.
 
+    Problems are paired by id (problems present in only one arm are counted and left out). Overall and
+    per level, a ROW reports:
+
+    * each arm's accuracy (mean over problems of c/n) with its percentile-bootstrap CI;
+    * the difference ``b - a`` with a PAIRED bootstrap CI: every resample draws one set of problem
+      indices and uses it for both arms, so problem difficulty cancels out of the difference;
+    * ``p_boot``: two-sided bootstrap p-value, 2 * min(P*(diff <= 0), P*(diff >= 0)) over the
+      resamples, capped at 1 (resolution 1/B; 0 means "no resample crossed zero");
+    * a sign test on the per-problem accuracy differences: ``wins`` (b higher), ``losses`` (a higher),
+      ``ties``, and ``sign_test_p``, the exact two-sided binomial p-value of wins vs losses (ties
+      dropped).
+
+    Overall pass@k rows (k reported by both summaries and <= the smallest n of the paired problems) and,
+    when both arms have it, greedy accuracy get the same paired treatment. All of this resamples
+    problems: it says whether the difference would survive a different draw of problems, not how much
+    it varies across training seeds.
+
     Layout::
 
         {"names": [a, b], "config": {...},
@@ -122,7 +112,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], names: Sequence[str] = ("grpo"
          "pass@k": [{"k": 1, **ROW}, ...], "greedy": ROW (when both arms have greedy results)}
 
     ROW = {"n_problems", <a>, <b>, "<a>_ci", "<b>_ci", "diff", "diff_ci", "p_boot", "wins", "losses",
-    "ties", "sign_test_p"} (see the module docstring).
+    "ties", "sign_test_p"}.
     """
     names = tuple(str(n) for n in names)
     if len(names) != 2 or names[0] == names[1] or set(names) & _ROW_KEYS:
@@ -186,205 +176,68 @@ def compare(a: dict[str, Any], b: dict[str, Any], names: Sequence[str] = ("grpo"
     return out
 
 
-# ---- reports ------------------------------------------------------------------------------------
+def _check_arm_names(names: Sequence[str]) -> None:
+    bad = [n for n in names if not _ARM_NAME.fullmatch(n) or n in _ROW_KEYS]
+    clashing = [n for n in names if n.endswith("_ci") and n[:-3] in names]  # "<arm>_ci" is a row key
+    if bad or clashing:
+        raise ValueError(f"compare_arms: arm names must be word characters, '.' or '-' (not starting with "
+                         f"either) and not one of {sorted(_ROW_KEYS)} or '<other arm>_ci'; got {bad + clashing}")
 
 
-def _fmt(v: float, signed: bool = False) -> str:
-    return f"{v:+.3f}" if signed else f"{v:.3f}"
+def compare_arms(evals: dict[str, dict[str, Any]], baseline: str, bootstrap_samples: int = 1000,
+                 confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Every arm of ``evals`` (name -> ``lens.evaluate.summarize`` output, >= 2 arms, insertion order is
+    report order) against ``baseline``. JSON-serialisable.
 
+    Layout::
 
-def _fmt_ci(v: float, ci: Sequence[float], signed: bool = False) -> str:
-    return f"{_fmt(v, signed)} [{_fmt(ci[0], signed)}, {_fmt(ci[1], signed)}]"
+        {"baseline": b, "arms": [b, x1, x2, ...] (baseline first, then the others in ``evals`` order),
+         "config": {"bootstrap_samples", "confidence", "seed", "diff": "<arm> - <baseline>"},
+         "pairs": {x: compare(evals[b], evals[x], names=(b, x), same bootstrap and seed), ...},
+         "accuracy": {"problems": P, "overall": ACC, "levels": {"1": ACC, ...}}}
 
-
-def _fmt_p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _level_rows(cmp: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [(lv, row) for lv, row in cmp["levels"].items()] + [("all", cmp["overall"])]
-
-
-def compare_markdown(cmp: dict[str, Any]) -> str:
-    """A markdown report of ``compare``'s output: accuracy by level, pass@k, and how to read it."""
-    a, b = cmp["names"]
-    A, B = a.upper(), b.upper()
-    conf = f"{cmp['config']['confidence'] * 100:g}%"
-    pairing = cmp["pairing"]
-    lines = [
-        f"# {B} vs {A}",
-        "",
-        f"{pairing['paired']} problems paired by id "
-        f"({pairing[f'only_in_{a}']} only in {A}, {pairing[f'only_in_{b}']} only in {B}, left out); "
-        f"{cmp['config']['bootstrap_samples']} paired bootstrap resamples over problems.",
-        "",
-        "## Accuracy (mean over problems of the fraction of correct samples)",
-        "",
-        f"| level | problems | {A} acc [{conf} CI] | {B} acc [{conf} CI] | {B} - {A} [{conf} CI] "
-        f"| wins / ties / losses | p (bootstrap) | p (sign test) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for level, row in _level_rows(cmp):
-        label = "**all**" if level == "all" else level
-        lines.append(
-            f"| {label} | {row['n_problems']} | {_fmt_ci(row[a], row[f'{a}_ci'])} "
-            f"| {_fmt_ci(row[b], row[f'{b}_ci'])} | {_fmt_ci(row['diff'], row['diff_ci'], signed=True)} "
-            f"| {row['wins']} / {row['ties']} / {row['losses']} | {_fmt_p(row['p_boot'])} "
-            f"| {_fmt_p(row['sign_test_p'])} |")
-    extra = [(f"pass@{r['k']}", r) for r in cmp.get("pass@k", [])]
-    if "greedy" in cmp:
-        extra.append(("greedy acc", cmp["greedy"]))
-    if extra:
-        lines += [
-            "",
-            "## pass@k (all levels)",
-            "",
-            f"| metric | problems | {A} [{conf} CI] | {B} [{conf} CI] | {B} - {A} [{conf} CI] "
-            f"| p (bootstrap) |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for label, row in extra:
-            lines.append(
-                f"| {label} | {row['n_problems']} | {_fmt_ci(row[a], row[f'{a}_ci'])} "
-                f"| {_fmt_ci(row[b], row[f'{b}_ci'])} | {_fmt_ci(row['diff'], row['diff_ci'], signed=True)} "
-                f"| {_fmt_p(row['p_boot'])} |")
-    lines += [
-        "",
-        "## How to read this",
-        "",
-        f"Each interval is a {conf} percentile bootstrap over problems; the {B} - {A} interval resamples "
-        f"the same problems for both arms (paired), so differences in problem difficulty cancel. "
-        f"A difference interval that excludes 0 means the gap is larger than what resampling the "
-        f"evaluation problems would produce by chance; one that contains 0 means this evaluation set "
-        f"cannot tell the two apart. Wins / ties / losses count problems on which {B}'s per-problem "
-        f"accuracy is higher / equal / lower, and the sign test asks whether wins and losses are "
-        f"balanced. None of this accounts for the variance between training runs (seeds): one run per "
-        f"arm is a single draw - train several seeds before drawing conclusions about the algorithms.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def compare_csv(cmp: dict[str, Any]) -> str:
-    """CSV of ``compare``'s output: one row per level (plus "all"), one per pass@k, one for greedy."""
-    a, b = cmp["names"]
-    header = ["metric", "level", "k", "n_problems", a, f"{a}_ci_low", f"{a}_ci_high", b, f"{b}_ci_low",
-              f"{b}_ci_high", "diff", "diff_ci_low", "diff_ci_high", "p_boot", "wins", "ties", "losses",
-              "sign_test_p"]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-
-    def write(metric: str, level: str, k: int | str, row: dict[str, Any]) -> None:
-        w.writerow([metric, level, k, row["n_problems"], row[a], *row[f"{a}_ci"], row[b], *row[f"{b}_ci"],
-                    row["diff"], *row["diff_ci"], row["p_boot"], row["wins"], row["ties"], row["losses"],
-                    row["sign_test_p"]])
-
-    for level, row in _level_rows(cmp):
-        write("acc", level, "", row)
-    for row in cmp.get("pass@k", []):
-        write("pass@k", "all", row["k"], row)
-    if "greedy" in cmp:
-        write("greedy_acc", "all", "", cmp["greedy"])
-    return buf.getvalue()
-
-
-def write_compare(out_dir: str | os.PathLike[str], cmp: dict[str, Any]) -> dict[str, Path]:
-    """Write compare.json, compare.md and compare.csv (each atomically) into ``out_dir``."""
-    out_dir = Path(out_dir)
-    return {
-        "json": atomic_write_text(out_dir / "compare.json", json.dumps(cmp, indent=2, allow_nan=False) + "\n"),
-        "md": atomic_write_text(out_dir / "compare.md", compare_markdown(cmp)),
-        "csv": atomic_write_text(out_dir / "compare.csv", compare_csv(cmp)),
-    }
-
-
-# ---- plots (matplotlib, Agg canvas; no pyplot global state) ---------------------------------------
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
-
-
-def plot_levels(cmp: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Grouped bar chart of accuracy by level (and "all") for both arms, with CI error bars; PNG."""
-    a, b = cmp["names"]
-    rows = _level_rows(cmp)
-    labels = [("all" if lv == "all" else f"L{lv}") for lv, _ in rows]
-    x = np.arange(len(rows))
-    width = 0.38
-    fig = _new_figure(max(5.0, 1.1 * len(rows) + 2), 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    for offset, name, color in ((-width / 2, a, "C0"), (width / 2, b, "C1")):
-        vals = np.array([row[name] for _, row in rows])
-        cis = np.array([row[f"{name}_ci"] for _, row in rows])
-        yerr = np.clip(np.stack([vals - cis[:, 0], cis[:, 1] - vals]), 0.0, None)
-        ax.bar(x + offset, vals, width, yerr=yerr, capsize=3, label=name.upper(), color=color)
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels)
-    ax.set_ylabel("accuracy (mean over problems)")
-    ax.set_ylim(0.0, 1.05)
-    conf = f"{cmp['config']['confidence'] * 100:g}%"
-    ax.set_title(f"Accuracy by level, {b.upper()} vs {a.upper()} ({conf} bootstrap CI)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _curve(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of ``key``; the last row wins for a repeated step (e.g. after a resume)."""
-    by_step: dict[float, float] = {}
-    for i, row in enumerate(rows):
-        v = row.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            continue
-        step = row.get("step", i)
-        if isinstance(step, (int, float)) and not isinstance(step, bool):
-            by_step[step] = float(v)
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
-def plot_learning_curves(metrics_by_algo: dict[str, list[dict[str, Any]]], path: str | os.PathLike[str],
-                         keys: Sequence[str] = DEFAULT_CURVE_KEYS) -> Path:
-    """One subplot per metric key (keys no algorithm logged are skipped), one line per algorithm; PNG.
-
-    ``metrics_by_algo`` maps an algorithm name to the rows of its metrics.jsonl (dicts with "step").
-    With no plottable key at all the figure says so instead of failing.
+    ``accuracy`` is each arm's accuracy on the P problems that every arm has, with percentile-bootstrap
+    CIs from one set of resamples shared by all arms: ACC = {"n_problems", <arm>, "<arm>_ci" for every
+    arm}. With one set of problems for all arms (the usual case) these are the numbers of each pair's
+    rows, so the per-arm table and the pairwise tables agree.
     """
-    curves = {key: {algo: _curve(rows, key) for algo, rows in metrics_by_algo.items()} for key in keys}
-    present = [key for key in keys if any(steps for steps, _ in curves[key].values())]
-    ncols = min(2, max(1, len(present)))
-    nrows = max(1, math.ceil(len(present) / ncols))
-    fig = _new_figure(5.0 * ncols, 3.2 * nrows)
-    if not present:
-        ax = fig.add_subplot(1, 1, 1)
-        ax.text(0.5, 0.5, "no metrics to plot", ha="center", va="center")
-        ax.set_axis_off()
-    for i, key in enumerate(present):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        for j, (algo, (steps, vals)) in enumerate(curves[key].items()):
-            if steps:  # one colour per algorithm across subplots (C0, C1, ... in metrics_by_algo order)
-                ax.plot(steps, vals, label=algo.upper(), color=f"C{j % 10}",
-                        marker="." if len(steps) < 30 else None)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return _save(fig, path)
+    names = [str(n) for n in evals]
+    if baseline not in evals:
+        raise ValueError(f"compare_arms: baseline {baseline!r} is not one of the arms {names}")
+    if len(names) < 2:
+        raise ValueError(f"compare_arms: need at least two arms, got {names}")
+    _check_arm_names(names)
+    arms = [baseline, *(n for n in names if n != baseline)]
+    pairs = {x: compare(evals[baseline], evals[x], names=(baseline, x), bootstrap_samples=bootstrap_samples,
+                        confidence=confidence, seed=seed)
+             for x in arms[1:]}  # also validates every summary and that levels agree with the baseline's
+
+    by_arm = {arm: _results_by_id(evals[arm], arm) for arm in arms}
+    common = [i for i in by_arm[baseline] if all(i in results for results in by_arm.values())]
+    if not common:
+        raise ValueError(f"compare_arms: no problem id is shared by all arms {arms}")
+    levels_of = {i: by_arm[baseline][i].level for i in common}
+
+    def accuracy(ids: list[str], rng: np.random.Generator) -> dict[str, Any]:
+        values = np.array([[by_arm[arm][i].acc for arm in arms] for i in ids])  # [P, arms]
+        point = values.mean(axis=0)
+        lo, hi = percentile_ci(bootstrap_means(values, bootstrap_samples, rng), point, confidence)
+        row: dict[str, Any] = {"n_problems": len(ids)}
+        for j, arm in enumerate(arms):
+            row[arm], row[f"{arm}_ci"] = float(point[j]), [float(lo[j]), float(hi[j])]
+        return row
+
+    # the same generator per scope as compare(), so shared problems get the same resamples as in the pairs
+    levels = {str(lv): accuracy([i for i in common if levels_of[i] == lv],
+                                np.random.default_rng([int(seed), int(lv)]))
+              for lv in sorted(set(levels_of.values()))}
+    return {
+        "baseline": baseline,
+        "arms": arms,
+        "config": {"bootstrap_samples": int(bootstrap_samples), "confidence": float(confidence),
+                   "seed": int(seed), "diff": f"<arm> - {baseline}"},
+        "pairs": pairs,
+        "accuracy": {"problems": len(common),
+                     "overall": accuracy(common, np.random.default_rng([int(seed), 0])),
+                     "levels": levels},
+    }

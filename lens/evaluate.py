@@ -313,3 +313,18 @@ def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
         if block and "acc_ci" in block:
             metrics[f"eval/acc{name}_ci_low"], metrics[f"eval/acc{name}_ci_high"] = block["acc_ci"]
     return metrics
+
+
+def evaluation_markdown(summary: dict[str, Any], arm: str, profile: str) -> str:
+    """The per-level table of a summary: accuracy with its CI and pass@k per level and overall."""
+    ks = list(summary["overall"].get("pass@k", {}))
+    conf = f"{summary['config']['confidence'] * 100:g}%"
+    lines = [f"# {arm.upper()} evaluation ({profile})", "",
+             f"{summary['overall']['samples_per_problem']} samples per problem; model `{summary.get('model', '')}`.",
+             "", f"| level | problems | acc [{conf} CI] | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+             "|---|---:|---:|" + "---:|" * len(ks)]
+    for label, block in [*summary["levels"].items(), ("**all**", summary["overall"])]:
+        lo, hi = block["acc_ci"]
+        passk = " | ".join(f"{block.get('pass@k', {}).get(k, float('nan')):.3f}" for k in ks)
+        lines.append(f"| {label} | {block['n_problems']} | {block['acc']:.3f} [{lo:.3f}, {hi:.3f}] | {passk} |")
+    return "\n".join(lines) + "\n"

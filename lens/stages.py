@@ -1,27 +1,18 @@
 """The pipeline's stages: plain functions with explicit inputs and outputs on disk.
 
-The CLI (`lens <stage>`), the DVC stages and the Prefect tasks all call these and nothing else, so the
-three ways of running the pipeline cannot drift apart. Each returns a small JSON-able summary.
+Each is one `lens <stage>` command and one DVC stage; lens.pipeline strings them together for `lens all`
+and the Prefect flows. Each returns a small JSON-able summary.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 
 from lens.params import Params
+from lens.records import RunFiles, atomic_write_json, read_metrics
 
 log = logging.getLogger(__name__)
-
-ALGOS = ("grpo", "lens")
-
-
-def _write_json(path: Path, obj) -> Path:
-    from lens.evaluate import atomic_write_text
-
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def prepare(params: Params) -> dict:
@@ -43,7 +34,7 @@ def prepare(params: Params) -> dict:
                                     "sources": [r.as_dict() for r in reports]}
         for r in reports:
             log.info("%s: %s", split, r.summary())
-    _write_json(out / "report.json", summary)
+    atomic_write_json(out / "report.json", summary, sort_keys=True)
     return summary
 
 
@@ -55,34 +46,19 @@ def warm_start(params: Params) -> dict:
         log.info("warm start not needed for profile %s (%s)", params.profile, reason)
         # An output even when skipped: DVC's warm_start stage declares the directory for every profile.
         summary = {"skipped": True, "reason": reason}
-        _write_json(params.warm_start_dir / "warm_start.json", summary)
+        atomic_write_json(params.warm_start_dir / "warm_start.json", summary, sort_keys=True)
         return summary
     from lens.warm_start import warm_start as run_warm_start
 
     return run_warm_start(params)
 
 
-def train(params: Params, resume: bool = False, max_steps: int | None = None, callbacks: list | None = None) -> dict:
-    """RL-train the policy with `train.algo`; writes <algo>/final when train.steps is reached."""
-    from lens.train import Trainer
+def train(params: Params, resume: bool = False, max_steps: int | None = None, callbacks: list | None = None,
+          runner=None) -> dict:
+    """RL-train the policy with `train.algo` (lens.loop); writes <algo>/final when train.steps is reached."""
+    from lens.loop import train as run_training
 
-    t0 = time.perf_counter()
-    trainer = Trainer(params, resume=resume, callbacks=callbacks)
-    try:
-        last = trainer.train(max_steps=max_steps)
-        done = trainer.state.step >= params.train.steps
-        summary = {"algo": params.train.algo, "step": trainer.state.step, "done": done,
-                   "updates": trainer.state.updates, "skipped_updates": trainer.state.skipped_updates,
-                   "seconds": time.perf_counter() - t0, "last_metrics": last,
-                   "distributed": {"type": trainer.accelerator.distributed_type.value, "processes": trainer.world},
-                   "verify": trainer.verifier.stats.as_dict()}
-        if done:
-            summary["final_model"] = str(trainer.save_final())
-        if trainer.accelerator.is_main_process:
-            _write_json(params.algo_dir() / "train_summary.json", summary)
-        return summary
-    finally:
-        trainer.close()
+    return run_training(params, resume=resume, max_steps=max_steps, runner=runner, callbacks=callbacks or ())
 
 
 def evaluate(params: Params, algo: str | None = None, model_path: str | Path | None = None,
@@ -92,7 +68,8 @@ def evaluate(params: Params, algo: str | None = None, model_path: str | Path | N
     from lens.evaluate import evaluate_policy, write_eval
 
     algo = algo or params.train.algo
-    model_path = Path(model_path) if model_path else params.algo_dir(algo) / "final"
+    files = RunFiles(params.algo_dir(algo))
+    model_path = Path(model_path) if model_path else files.final
     if not (model_path / "config.json").exists():
         raise FileNotFoundError(f"no model at {model_path}: run `lens train --algo {algo}` first")
     eval_file = params.data_dir / "eval.jsonl"
@@ -101,37 +78,33 @@ def evaluate(params: Params, algo: str | None = None, model_path: str | Path | N
     summary = evaluate_policy(params, model_path, read_problems(eval_file))
     summary["model"] = str(model_path)
     summary["algo"] = algo
-    write_eval(out_path or params.algo_dir(algo) / "eval.json", summary)
+    write_eval(out_path or files.eval, summary)
     return summary
 
 
-def compare(params: Params, algos: tuple[str, str] = ALGOS) -> dict:
-    """GRPO vs LENS per level with paired-bootstrap intervals; tables and plots under <root>/compare."""
-    from lens.compare import compare as compare_summaries
-    from lens.compare import plot_learning_curves, plot_levels, write_compare
+def compare(params: Params) -> dict:
+    """Every arm of `compare.arms` against `compare.baseline`, per level, with paired-bootstrap intervals;
+    tables, plots and `dvc plots` data under <root>/compare."""
+    from lens.compare import compare_arms
+    from lens.compare_report import plot_learning_curves, plot_levels, write_comparison, write_plot_data
     from lens.evaluate import read_eval
 
-    evals = []
-    for algo in algos:
-        path = params.algo_dir(algo) / "eval.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run `lens evaluate --algo {algo}` first")
-        evals.append(read_eval(path))
+    evals, curves = {}, {}
+    for arm in params.compare.arms:
+        files = RunFiles(params.algo_dir(arm))
+        if not files.eval.exists():
+            raise FileNotFoundError(f"{files.eval} not found: run `lens evaluate --algo {arm}` first")
+        evals[arm] = read_eval(files.eval)
+        if files.metrics.exists():
+            curves[arm] = read_metrics(files.metrics)
     ev = params.eval
-    cmp = compare_summaries(evals[0], evals[1], names=algos, bootstrap_samples=ev.bootstrap_samples,
-                            confidence=ev.confidence, seed=params.run.seed)
+    cmp = compare_arms(evals, params.compare.baseline, bootstrap_samples=ev.bootstrap_samples,
+                       confidence=ev.confidence, seed=params.run.seed)
     out_dir = params.root / "compare"
-    paths = write_compare(out_dir, cmp)
+    paths = write_comparison(out_dir, cmp)
     paths["levels_png"] = plot_levels(cmp, out_dir / "accuracy_by_level.png")
-    curves = {}
-    for algo in algos:
-        metrics_file = params.algo_dir(algo) / "metrics.jsonl"
-        if metrics_file.exists():
-            curves[algo] = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
     if curves:
         paths["curves_png"] = plot_learning_curves(curves, out_dir / "learning_curves.png")
-    from lens.versioning import write_plot_data  # CSVs `dvc plots` reads, also for Prefect-made outputs
-
-    write_plot_data(params.root)
+    paths |= write_plot_data(out_dir, cmp, curves)
     cmp["files"] = {k: str(v) for k, v in paths.items()}
     return cmp

@@ -1,0 +1,153 @@
+"""Checkpoints of an RL run: everything needed to continue bit-for-bit on CPU.
+
+A checkpoint directory `checkpoints/step-NNNNNN/` holds the weights (`model/`, HF safetensors), the
+optimizer (`optimizer.pt`, name-keyed), the scheduler (`scheduler.pt`) and `trainer_state.json` (step
+counters and RNG states); `checkpoints/latest` names the newest complete one. Whole (gathered) state
+dicts are written by rank 0 whatever the backend (one process, DDP, FSDP2), so a checkpoint written by
+any of them loads into any other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from lens.records import atomic_directory, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# Whole (gathered) state dicts, offloaded to rank 0's CPU; other ranks get empty dicts.
+FULL_ON_RANK0_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def check_fsdp_support(params, fsdp: bool, fsdp2: bool) -> None:
+    """Refuse, before loading anything, the FSDP set-ups the trainer does not implement."""
+    if not fsdp:
+        return
+    if not fsdp2:
+        raise ValueError("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config")
+    if params.train.kl_beta > 0:
+        raise ValueError("train.kl_beta > 0 is not supported under FSDP: the frozen reference policy would be "
+                         "a full, unsharded copy on every GPU (the paper's setting is kl_beta=0)")
+    if params.rollout.engine != "hf":
+        raise ValueError(f"rollout.engine={params.rollout.engine} is not supported under FSDP: the engine would "
+                         "need the full weights gathered on each rank that hosts it; use rollout.engine=hf or "
+                         "the DDP config (infra/accelerate/README.md)")
+
+
+class Checkpointer:
+    """Saves and restores (model, optimizer, scheduler, counters, RNG) under `directory`."""
+
+    def __init__(self, directory: Path, accelerator, model, optimizer, scheduler, tokenizer, keep: int):
+        self.directory, self.accelerator = Path(directory), accelerator
+        self.model, self.optimizer, self.scheduler, self.tokenizer = model, optimizer, scheduler, tokenizer
+        self.keep = keep
+
+    @property
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+
+    def latest(self) -> Path | None:
+        pointer = self.directory / "latest"
+        if pointer.exists():
+            path = self.directory / pointer.read_text().strip()
+            if (path / "trainer_state.json").exists():
+                return path
+        return None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _save_model(self, directory: Path, model_state: dict) -> None:
+        # Only rank 0 writes; `state_dict=` carries the gathered weights (the module's own may be shards).
+        self.accelerator.unwrap_model(self.model).save_pretrained(directory, state_dict=model_state,
+                                                                  safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+    def save(self, step: int, counters: dict) -> Path:
+        """Write to a temporary directory, then rename: a kill mid-write never leaves a half checkpoint.
+        A collective: every rank calls it (the state dicts are gathered)."""
+        self.accelerator.wait_for_everyone()
+        name = f"step-{step:06d}"
+        final = self.directory / name
+        model_state = get_model_state_dict(self.model, options=FULL_ON_RANK0_CPU)
+        optim_state = get_optimizer_state_dict(self.model, self._torch_optimizer, options=FULL_ON_RANK0_CPU)
+        if self.accelerator.is_main_process:
+            with atomic_directory(final) as tmp:
+                self._save_model(tmp / "model", model_state)
+                torch.save(optim_state, tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
+                       "torch": torch.get_rng_state().tolist()}
+                (tmp / "trainer_state.json").write_text(json.dumps(counters | {"rng": rng}))
+            atomic_write_text(self.directory / "latest", name)
+            kept = sorted(p for p in self.directory.glob("step-*") if p.is_dir())
+            for old in kept[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        del model_state, optim_state
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> dict:
+        """Restore model, optimizer, scheduler and RNG from `path`; returns the saved counters."""
+        # With several processes rank 0 alone reads the files and broadcasts them (for FSDP, each rank keeps
+        # its shard): N ranks reading an 8B checkpoint at once would hold N copies in host memory.
+        broadcast = self.accelerator.num_processes > 1
+        reader = self.accelerator.is_main_process or not broadcast
+        weights, optim_state = {}, {}
+        if reader:
+            for f in sorted((path / "model").glob("*.safetensors")):
+                weights |= load_file(f)
+            expected = set(self.accelerator.unwrap_model(self.model).state_dict())
+            missing, unexpected = expected - set(weights), set(weights) - expected
+            # Tied embeddings are saved once; the tied head keeps pointing at them.
+            if unexpected or any("lm_head" not in k for k in missing):
+                raise RuntimeError(f"checkpoint {path} does not match the model: missing {sorted(missing)}, "
+                                   f"unexpected {sorted(unexpected)}")
+            # Only tensors and plain containers: weights_only refuses anything that would need unpickling code.
+            optim_state = torch.load(path / "optimizer.pt", weights_only=True)
+        options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=broadcast)
+        set_model_state_dict(self.model, weights, options=options)
+        set_optimizer_state_dict(self.model, self._torch_optimizer, optim_state, options=options)
+        del weights, optim_state
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        counters = json.loads((path / "trainer_state.json").read_text())
+        rng = counters.pop("rng")
+        random.setstate(_tupled(rng["python"]))
+        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        # A failure mid-backward (a retried round) leaves gradients behind; the next update must not add them.
+        self.optimizer.zero_grad(set_to_none=True)
+        return counters
+
+    def save_final(self, path: Path) -> Path:
+        """The policy alone, as a standard transformers directory (collective, like `save`)."""
+        self.accelerator.wait_for_everyone()
+        model_state = get_model_state_dict(self.model, options=FULL_ON_RANK0_CPU)
+        if self.accelerator.is_main_process:
+            with atomic_directory(path) as tmp:
+                self._save_model(tmp, model_state)
+        del model_state
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (tuple, list)):
+        return [_jsonable(x) for x in obj]
+    return obj
+
+
+def _tupled(obj):
+    return tuple(_tupled(x) for x in obj) if isinstance(obj, list) else obj

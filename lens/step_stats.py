@@ -1,0 +1,101 @@
+"""A step's statistics as typed records whose fields carry their reduction over processes.
+
+Each process fills a record for its share of the step; `reduce_over_processes` sums every field over
+processes (one all-reduce), divides the fields marked MEAN by the number of processes and keeps LOCAL ones. Metrics are
+then named where they are computed (`RolloutCounts.metrics`, `UpdateStats.metrics`), never gathered
+positionally and named later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import TypeVar
+
+import torch
+
+from lens.estimators.groups import group_masks
+
+MEAN = {"reduce": "mean"}    # averaged over processes (each process's value describes an equal share)
+LOCAL = {"reduce": "none"}   # already the same on every process: kept as it is
+R = TypeVar("R")
+
+
+def reduce_over_processes(record: R, accelerator) -> R:
+    """The record summed over processes (fields marked MEAN: averaged)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return record
+    names = [f.name for f in fields(record)]
+    local = torch.tensor([float(getattr(record, n)) for n in names], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum").tolist()
+    world = accelerator.num_processes
+    how = {f.name: f.metadata.get("reduce", "sum") for f in fields(record)}
+    reduced = {n: v / world if how[n] == "mean" else v for n, v in zip(names, total, strict=True)}
+    return replace(record, **{n: v for n, v in reduced.items() if how[n] != "none"})
+
+
+@dataclass
+class RolloutCounts:
+    """Sums over a step's rollouts and their verification (this process's share until reduced)."""
+
+    correct: float = 0.0
+    samples: int = 0
+    groups: int = 0
+    groups_all_correct: int = 0
+    groups_all_wrong: int = 0
+    groups_mixed: int = 0
+    samples_with_signal: int = 0
+    completion_tokens: int = 0
+    truncated: int = 0
+    negative_adv_abs: float = 0.0          # sum of |advantage| over samples of all-wrong groups
+    negative_samples: int = 0
+    verify_timeouts: int = 0
+    verify_errors: int = 0
+    verify_parse_failures: int = 0
+
+    @classmethod
+    def of(cls, scored) -> RolloutCounts:
+        """Counts of a `lens.train.ScoredBatch`."""
+        all_correct, all_wrong, mixed = group_masks(scored.correct)
+        adv, rollouts, vs = scored.advantages, scored.batch.rollouts, scored.verify_stats
+        return cls(
+            correct=scored.correct.sum().item(), samples=scored.correct.numel(), groups=scored.correct.shape[0],
+            groups_all_correct=int(all_correct.sum()), groups_all_wrong=int(all_wrong.sum()),
+            groups_mixed=int(mixed.sum()), samples_with_signal=int((adv != 0).sum()),
+            completion_tokens=sum(len(r.completion_ids) for r in rollouts),
+            truncated=sum(r.truncated for r in rollouts), negative_adv_abs=adv[all_wrong].abs().sum().item(),
+            negative_samples=int(all_wrong.sum()) * adv.shape[1], verify_timeouts=vs.get("timeouts", 0),
+            verify_errors=vs.get("errors", 0), verify_parse_failures=vs.get("parse_failures", 0))
+
+    def metrics(self, rollout_s: float, verify_s: float) -> dict[str, float]:
+        return {
+            "train/reward_mean": self.correct / self.samples, "train/acc": self.correct / self.samples,
+            "train/frac_groups_all_correct": self.groups_all_correct / self.groups,
+            "train/frac_groups_all_wrong": self.groups_all_wrong / self.groups,
+            "train/frac_groups_mixed": self.groups_mixed / self.groups,
+            "train/frac_samples_with_signal": self.samples_with_signal / self.samples,
+            "train/response_len_mean": self.completion_tokens / self.samples,
+            "train/truncated_frac": self.truncated / self.samples,
+            "train/negative_group_adv_abs_mean": (self.negative_adv_abs / self.negative_samples
+                                                  if self.negative_samples else 0.0),
+            "perf/rollout_tok_s": self.completion_tokens / max(rollout_s, 1e-9),
+            "verify/timeouts": self.verify_timeouts, "verify/errors": self.verify_errors,
+            "verify/parse_failures": self.verify_parse_failures,
+            "perf/rollout_s": rollout_s, "perf/verify_s": verify_s,
+        }
+
+
+@dataclass
+class UpdateStats:
+    """Means over a step's optimiser updates (per process: each holds an equal shard of the batch)."""
+
+    loss: float = field(default=0.0, metadata=MEAN)
+    clip_frac: float = field(default=0.0, metadata=MEAN)
+    kl: float = field(default=0.0, metadata=MEAN)
+    entropy: float = field(default=0.0, metadata=MEAN)
+    grad_norm: float = field(default=0.0, metadata=LOCAL)  # already global (measured after the all-reduce): not reduced
+    tokens: int = 0                        # prompt + completion tokens trained on (summed)
+
+    def metrics(self, seconds: float) -> dict[str, float]:
+        return {"train/loss": self.loss, "train/clip_frac": self.clip_frac, "train/kl": self.kl,
+                "train/entropy": self.entropy, "train/grad_norm": self.grad_norm,
+                "perf/train_tok_s": self.tokens / max(seconds, 1e-9), "perf/update_s": seconds}
