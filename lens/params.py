@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lens.rollout.base import engine_names
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS_FILE = PROJECT_ROOT / "params.yaml"
@@ -38,21 +40,34 @@ class SyntheticParams(Section):
 
 
 class DataParams(Section):
-    train_source: Literal["synthetic", "math", "gsm8k", "mixture"] = Field(
-        "synthetic", description="Where training problems come from.")
-    eval_source: Literal["synthetic", "math", "gsm8k", "mixture"] = Field(
-        "synthetic", description="Where evaluation problems come from.")
-    math_train_path: str = Field("../shared/data/math/train_subset.jsonl",
-                                 description="MATH train: hub id or local .jsonl/.parquet.")
-    math_eval_path: str = Field("../shared/data/math/math500.jsonl", description="MATH eval (MATH-500).")
-    gsm8k_train_path: str = Field("../shared/data/gsm8k/train.jsonl", description="GSM8K train.")
-    gsm8k_eval_path: str = Field("../shared/data/gsm8k/test.jsonl", description="GSM8K test.")
+    train_source: str = Field(
+        "synthetic", description="Where training problems come from: a data source registered in lens.data "
+                                 "(synthetic, math, gsm8k, mixture, or one added with register_source).")
+    eval_source: str = Field("synthetic", description="Where evaluation problems come from (a registered data source).")
+    math_train_path: str = Field(
+        "EleutherAI/hendrycks_math", description="MATH train (split train): hub id or local .jsonl/.parquet "
+                                                 "(a relative path is relative to the project root).")
+    math_eval_path: str = Field(
+        "HuggingFaceH4/MATH-500", description="MATH eval (MATH-500, split test): hub id or local file.")
+    gsm8k_train_path: str = Field(
+        "openai/gsm8k", description="GSM8K train (config main, split train): hub id or local file.")
+    gsm8k_eval_path: str = Field(
+        "openai/gsm8k", description="GSM8K eval (config main, split test): hub id or local file.")
     levels: list[int] = Field([1, 2, 3, 4, 5], description="Difficulty levels kept (1-5).")
     mixture_synthetic_levels: list[int] = Field(
         [1, 2], description="mixture source: synthetic levels included.")
     max_train_problems: int | None = Field(None, ge=1, description="Cap on training problems (None: all).")
     max_eval_problems_per_level: int | None = Field(None, ge=1, description="Cap on eval problems per level.")
     synthetic: SyntheticParams = SyntheticParams()
+
+    @field_validator("train_source", "eval_source")
+    @classmethod
+    def _registered_source(cls, name: str) -> str:
+        from lens.data.registry import source_names  # stdlib only: no datasets/torch import to list names
+
+        if name not in source_names():
+            raise ValueError(f"unknown data source {name!r}; registered: {', '.join(source_names())}")
+        return name
 
     @model_validator(mode="after")
     def _levels_in_range(self) -> DataParams:
@@ -101,7 +116,8 @@ class VllmParams(Section):
 
 
 class RolloutParams(Section):
-    engine: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: transformers generate or vLLM.")
+    engine: str = Field("hf", description="Rollout engine, a name registered in lens.rollout: hf (transformers "
+                                          "generate), vllm, or one added with register_engine.")
     group_size: int = Field(8, ge=2, description="G: samples per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
@@ -109,6 +125,17 @@ class RolloutParams(Section):
     batch_size: int = Field(256, ge=1, description="Sequences generated per engine call (memory bound).")
     static_cache: bool = Field(False, description="HF engine: static KV cache (compiled decode) on GPU.")
     vllm: VllmParams = VllmParams()
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_registered(cls, name: str) -> str:
+        if name not in engine_names():
+            raise ValueError(f"unknown rollout engine {name!r}; registered engines: {', '.join(engine_names())}")
+        return name
+
+
+class GrpoParams(Section):
+    scale_std: bool = Field(True, description="Divide by the group std (False: Dr.GRPO centring).")
 
 
 class LensParams(Section):
@@ -118,7 +145,7 @@ class LensParams(Section):
 
 
 class TrainParams(Section):
-    algo: Literal["grpo", "lens"] = Field("grpo", description="Advantage estimator.")
+    algo: str = Field("grpo", description="Advantage estimator: a name registered in lens.estimators.")
     steps: int = Field(60, ge=0, description="RL steps (one rollout batch each).")
     prompts_per_step: int = Field(16, ge=1, description="Questions rolled out per step (global).")
     mini_batch_size: int = Field(64, ge=1, description="Trajectories per optimiser update (global).")
@@ -135,7 +162,6 @@ class TrainParams(Section):
     loss_agg: Literal["seq-mean-token-mean", "token-mean"] = Field(
         "seq-mean-token-mean", description="How token losses are averaged (paper: seq-mean-token-mean).")
     kl_beta: float = Field(0.0, ge=0, description="k3 KL-to-reference coefficient (0: no reference model).")
-    scale_std: bool = Field(True, description="GRPO: divide by the group std (False: Dr.GRPO centring).")
     adv_eps: float = Field(1e-6, gt=0, description="Epsilon added to the group std.")
     recompute_old_logprobs: bool = Field(
         False, description="Recompute pi_old with the trainer's forward pass instead of the engine's log-probs.")
@@ -143,7 +169,17 @@ class TrainParams(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     max_consecutive_nonfinite: int = Field(3, ge=1, description="Stop after this many non-finite losses in a row.")
     steps_per_round: int = Field(10, ge=1, description="Steps per orchestration round (Prefect task).")
+    grpo: GrpoParams = GrpoParams()
     lens: LensParams = LensParams()
+
+    @field_validator("algo")
+    @classmethod
+    def _registered_estimator(cls, name: str) -> str:
+        from lens import estimators
+
+        if name not in estimators.names():
+            raise ValueError(f"unknown estimator {name!r}; registered: {', '.join(estimators.names())}")
+        return name
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> TrainParams:
@@ -186,6 +222,24 @@ class TrackingParams(Section):
         64, ge=1, description="Rollouts per algorithm in the sample logged with the comparison.")
 
 
+class CompareParams(Section):
+    arms: list[str] = Field(["grpo", "lens"], description="Estimators trained and compared, same seed, data and budget.")
+    baseline: str = Field("grpo", description="The arm every other arm is compared with (paired, per level).")
+
+    @model_validator(mode="after")
+    def _arms_registered(self) -> CompareParams:
+        from lens import estimators
+
+        unknown = [a for a in self.arms if a not in estimators.names()]
+        if unknown:
+            raise ValueError(f"arms: unknown estimators {unknown}; registered: {', '.join(estimators.names())}")
+        if len(set(self.arms)) != len(self.arms) or len(self.arms) < 2:
+            raise ValueError(f"arms: need at least two distinct estimators, got {self.arms}")
+        if self.baseline not in self.arms:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the arms {self.arms}")
+        return self
+
+
 class Params(Section):
     profile: str = Field("tiny", description="Active profile (a key of `profiles:` in params.yaml).")
     run: RunParams = RunParams()
@@ -195,6 +249,7 @@ class Params(Section):
     rollout: RolloutParams = RolloutParams()
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
+    compare: CompareParams = CompareParams()
     verify: VerifyParams = VerifyParams()
     tracking: TrackingParams = TrackingParams()
 

@@ -1,11 +1,80 @@
-"""The HF rollout engine: grouping, EOS handling, and log-probs that agree with the trainer's forward."""
+"""Rollout engines: the registry that `rollout.engine` names, and the HF engine's grouping, EOS handling,
+and log-probs that agree with the trainer's forward."""
 
+import subprocess
+import sys
+
+import pytest
 import torch
 
+import lens.rollout.base
 from lens.loss import token_logprobs_and_entropy
 from lens.models import load_policy
-from lens.rollout import HFEngine, SamplingConfig, cut_at_eos
+from lens.params import PROJECT_ROOT, ParamsError
+from lens.rollout import (HFEngine, Rollout, SamplingConfig, cut_at_eos, engine_names, make_engine,
+                          register_engine)
 from tests.helpers import random_policy, small_params
+
+
+class FixedEngine:
+    """A toy engine: every sample is the same one-token completion."""
+
+    def __init__(self, params, model, tokenizer, synced_gpus=False):
+        self.params, self.model = params, model
+
+    def generate(self, prompts, n, sampling):
+        return [Rollout(prompt_index=i, prompt_ids=[], completion_ids=[7], text="42", logprobs=[0.0],
+                        truncated=False) for i in range(len(prompts)) for _ in range(n)]
+
+    def sync_weights(self, model):
+        self.model = model
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """Engines registered by a test disappear after it."""
+    monkeypatch.setattr(lens.rollout.base, "_ENGINES", dict(lens.rollout.base._ENGINES))
+
+
+def test_a_registered_engine_is_selected_by_rollout_engine(tmp_path, fresh_registry):
+    register_engine("fixed", FixedEngine)
+    assert engine_names() == ("hf", "vllm", "fixed")
+    params = small_params(tmp_path, "rollout.engine=fixed")
+    engine = make_engine(params, "the model", "the tokenizer")
+    assert isinstance(engine, FixedEngine) and engine.model == "the model"
+    assert [r.prompt_index for r in engine.generate(["a", "b"], 3, SamplingConfig())] == [0, 0, 0, 1, 1, 1]
+
+
+def test_an_unknown_engine_fails_naming_the_key_and_the_registered_engines(tmp_path):
+    with pytest.raises(ParamsError) as err:
+        small_params(tmp_path, "rollout.engine=foo")
+    assert "rollout.engine: " in str(err.value)
+    assert "unknown rollout engine 'foo'; registered engines: hf, vllm" in str(err.value)
+
+
+def test_the_default_engine_is_hf_built_from_the_rollout_params(tmp_path):
+    params = small_params(tmp_path, "rollout.batch_size=6")
+    random_policy(params)
+    model, tok = load_policy(params)
+    engine = make_engine(params, model, tok, synced_gpus=True)
+    assert params.rollout.engine == "hf"
+    assert isinstance(engine, HFEngine) and engine.batch_size == 6 and engine.synced_gpus
+
+
+def test_the_vllm_engine_refuses_a_sharded_model(tmp_path):
+    with pytest.raises(NotImplementedError, match="FSDP"):
+        make_engine(small_params(tmp_path, "rollout.engine=vllm"), None, None, synced_gpus=True)
+
+
+def test_validating_the_engine_name_imports_no_engine():
+    """params validation lists the engines: that must not cost a transformers or vllm import."""
+    code = ("import sys, lens.params; from lens.rollout import engine_names; print(*engine_names()); "
+            "print(*[m for m in ('transformers', 'vllm', 'lens.rollout.hf', 'lens.rollout.vllm') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["hf vllm", ""]
 
 
 def test_cut_at_eos():

@@ -14,12 +14,12 @@ import json
 import pytest
 import torch
 
-import lens.rollout_vllm  # sets VLLM_ENABLE_V1_MULTIPROCESSING before vllm is imported
+import lens.rollout.vllm  # sets VLLM_ENABLE_V1_MULTIPROCESSING before vllm is imported
 from lens import stages
 from lens.loss import token_logprobs_and_entropy
 from lens.models import load_model, load_policy
 from lens.rollout import SamplingConfig
-from lens.rollout_vllm import VLLMEngine
+from lens.rollout.vllm import VLLMEngine
 from tests.helpers import random_policy, small_params, synthetic_data
 
 # Checked without importing vllm: importing it takes ~15 s, which `-m "not slow"` runs should not pay.

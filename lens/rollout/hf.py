@@ -1,71 +1,15 @@
-"""Rollout engines: sample G completions per prompt and report the log-prob of every sampled token.
+"""The transformers rollout engine: `model.generate` on the trainer's own model object.
 
-The log-probs are those of softmax(logits / temperature), the same quantity the trainer computes in its
-forward pass (`lens.loss.token_logprobs_and_entropy`), so the PPO ratio starts at 1 on-policy. With
-top_p < 1 the sampler draws from the truncated distribution but the reported log-prob is still that of
-the tempered full distribution, as in verl; keep top_p = 1 (the paper's setting) for exact ratios.
+With top_p < 1 the sampler draws from the truncated distribution but the reported log-prob is still that
+of the tempered full distribution, as in verl; keep top_p = 1 (the paper's setting) for exact ratios.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-
-@dataclass
-class Rollout:
-    prompt_index: int                  # index into the prompt list given to `generate`
-    prompt_ids: list[int]
-    completion_ids: list[int]          # up to and including the first EOS
-    text: str                          # decoded completion, special tokens removed
-    logprobs: list[float]              # one per completion token, under the rollout policy
-    truncated: bool                    # no EOS within max_new_tokens
-
-    @property
-    def mean_logprob(self) -> float:
-        return sum(self.logprobs) / max(len(self.logprobs), 1)
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 16
-    greedy: bool = False
-    seed: int | None = None
-
-
-class RolloutEngine(Protocol):
-    def generate(self, prompts: list[str], n: int, sampling: SamplingConfig) -> list[Rollout]:
-        """len(prompts) * n rollouts, grouped: prompt 0's n samples first (greedy: one per prompt)."""
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Make the engine sample from `model`'s current weights."""
-
-    def close(self) -> None: ...
-
-
-def eos_token_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is None:
-            continue
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    if not ids:
-        raise ValueError("the model/tokenizer define no EOS token: completions could never end")
-    return ids
-
-
-def cut_at_eos(ids: list[int], logprobs: list[float], eos_ids: set[int]) -> tuple[list[int], list[float], bool]:
-    """Keep tokens up to and including the first EOS; truncated when there is none."""
-    for i, tok in enumerate(ids):
-        if tok in eos_ids:
-            return ids[: i + 1], logprobs[: i + 1], False
-    return ids, logprobs, True
+from lens.rollout.base import Rollout, SamplingConfig, cut_at_eos, eos_token_ids
 
 
 class SampledTokenLogprobs(LogitsProcessor):
@@ -112,6 +56,12 @@ class HFEngine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def from_params(cls, params, model, tokenizer, synced_gpus: bool = False) -> HFEngine:
+        """`synced_gpus`: the model is FSDP-sharded, so every rank runs every decode step (see Trainer)."""
+        return cls(model, tokenizer, batch_size=params.rollout.batch_size, static_cache=params.rollout.static_cache,
+                   synced_gpus=synced_gpus)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -177,16 +127,3 @@ class HFEngine:
                 prompt_index=offset + p, prompt_ids=prompt_ids, completion_ids=ids,
                 text=tok.decode(ids, skip_special_tokens=True), logprobs=lps, truncated=truncated))
         return rollouts
-
-
-def make_engine(params, model, tokenizer, synced_gpus: bool = False) -> RolloutEngine:
-    """The engine `rollout.engine` names, sampling from `model` (`synced_gpus`: the model is FSDP-sharded,
-    HF engine only: `lens.train.check_fsdp_support` refuses the others under FSDP)."""
-    if params.rollout.engine == "hf":
-        return HFEngine(model, tokenizer, batch_size=params.rollout.batch_size,
-                        static_cache=params.rollout.static_cache, synced_gpus=synced_gpus)
-    if params.rollout.engine == "vllm":
-        from lens.rollout_vllm import VLLMEngine  # optional dependency: imported only when asked for
-
-        return VLLMEngine.from_params(params, model, tokenizer)
-    raise ValueError(f"rollout.engine: unknown engine {params.rollout.engine!r}")

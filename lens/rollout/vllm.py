@@ -1,49 +1,32 @@
 """The vLLM rollout engine: a colocated, in-process `vllm.LLM` behind the `RolloutEngine` interface.
 
-Same contract as `HFEngine` (lens/rollout.py): `generate(prompts, n, sampling)` returns len(prompts) * n
-`Rollout`s grouped by prompt, each with the sampled token ids up to and including the first EOS and the
-log-prob of every sampled token under softmax(logits / T); `sync_weights(model)` makes the engine sample
-from the trainer's current weights. How each part maps onto vLLM 0.32:
+Same contract as `HFEngine`; how each part maps onto vLLM 0.32:
 
-- In-process engine. `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set below, before vLLM is imported) keeps the
-  engine core and its single worker in this process (`InprocClient` + `UniProcExecutor`). Weight sync
-  then hands the worker a generator over the trainer's live tensors; with the default multiprocess
-  engine every `collective_rpc` argument is pickled to the engine-core process, i.e. a full copy of the
-  weights per step (and `LLM(...)` would also need an `if __name__ == "__main__"` guard).
-- Weights. The engine starts from the trainer's `model.config` with `load_format="dummy"` and receives
-  the actual weights through the same path as every later sync, so it never reads a checkpoint from
-  disk and cannot start from a different state than the `model` object it was given (a final model in
-  evaluation, a resumed checkpoint in training...). Sync uses the worker's `reload_weights` (vLLM's
-  layerwise in-place reload): plain `model.load_weights` fails on CPU because vLLM repacks linear
-  weights after loading and the repacked parameters lose their `weight_loader`.
-- Log-probs. `logprobs_mode="processed_logprobs"` makes vLLM report log-probs of the distribution it
-  sampled from (after temperature), and `logprobs=0` returns only the sampled token's. Caveat: with
-  top_p < 1 "processed" also means after the nucleus cut (renormalised over the nucleus), whereas
-  `HFEngine` reports the tempered full distribution; keep top_p = 1 (the paper's setting) for ratios
-  that start at exactly 1, or set `train.recompute_old_logprobs`.
-- Tokens in, tokens out. Prompts are tokenised here exactly as `HFEngine` does (no special tokens
-  added) and passed as token ids; vLLM runs without a tokenizer (`skip_tokenizer_init`) and EOS is
-  given explicitly as `stop_token_ids` (model and tokenizer EOS ids), so stopping does not depend on
-  what vLLM would read from generation_config.json (`generation_config="vllm"` ignores it). vLLM keeps
-  the stop token in `token_ids`, so completions end with EOS exactly as with `HFEngine`, and the text is
-  decoded with the trainer's tokenizer (special tokens skipped).
-- Seeds. vLLM seeds the k-th sample of a request with `seed + k`; one seed for every prompt would give
-  all prompts the same noise stream (visibly correlated samples), so each prompt gets its own seed
-  derived from (sampling.seed, prompt index).
-- Memory. On GPU `gpu_memory_utilization` is vLLM's usual fraction of GPU memory. On CPU vLLM's own
-  reading of it is "fraction of RAM for the whole process, KV cache = that minus the process's RSS",
-  and in-process the RSS includes the trainer (model, optimizer, activations), so it is fragile; here
-  the KV cache is given explicitly: `gpu_memory_utilization` x total RAM, capped at what `max_num_seqs`
-  full-length sequences can use.
-- Lengths. `max_model_len` (prompt + completion) defaults to min(the model's positions, max_new_tokens +
-  2048); a completion that reaches it ends with finish_reason "length" (truncated), a longer prompt
-  raises vLLM's validation error.
-- Engines share vLLM's process-wide parallel state; an engine shuts it down only when it is the last one
-  open, so e.g. an evaluation engine can live beside the trainer's. Multi-process training (one engine
-  per rank) would need vLLM's external_launcher executor and is refused for now.
-- Sleep mode (CUDA only, `rollout.vllm.sleep_between_steps`): after each `generate` the engine sleeps
-  (level 1: weights offloaded to CPU, KV cache freed) so training gets the GPU memory; `sync_weights`
-  wakes the weights, `generate` wakes the KV cache.
+- In-process. `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set below, before vLLM is imported) keeps the engine
+  core and its worker in this process, so weight sync hands the worker a generator over the trainer's live
+  tensors; the multiprocess engine would pickle a full copy of the weights per step.
+- Weights. The engine starts from `model.config` with `load_format="dummy"` and gets the weights through
+  the same path as every later sync (the worker's `reload_weights`, vLLM's layerwise in-place reload; plain
+  `load_weights` fails on CPU once vLLM has repacked linear weights), so it never reads a checkpoint and
+  always starts from the `model` it was given.
+- Log-probs. `logprobs_mode="processed_logprobs"` with `logprobs=0`: the sampled token's log-prob after
+  temperature. With top_p < 1 "processed" also means renormalised over the nucleus, unlike `HFEngine`;
+  keep top_p = 1 for ratios that start at exactly 1, or set `train.recompute_old_logprobs`.
+- Tokens in, tokens out. Prompts are tokenised as `HFEngine` does and passed as ids; vLLM runs without a
+  tokenizer and stops at the model and tokenizer EOS ids (`stop_token_ids`, generation_config.json
+  ignored); the EOS stays in the completion and the text is decoded with the trainer's tokenizer.
+- Seeds. vLLM seeds sample k of a request with `seed + k`, so each prompt gets its own seed derived from
+  (sampling.seed, prompt index); one shared seed would correlate the prompts' samples.
+- Memory. GPU: `gpu_memory_utilization` as usual. CPU: vLLM reads it as a fraction of RAM minus the
+  process's RSS, which in-process includes the trainer, so the KV cache is given explicitly instead:
+  that fraction of total RAM, capped at what `max_num_seqs` full-length sequences can use.
+- Lengths. `max_model_len` defaults to min(the model's positions, max_new_tokens + 2048); a completion
+  reaching it is truncated, a longer prompt raises vLLM's validation error.
+- Engines share vLLM's process-wide parallel state, shut down by the last one closed, so an evaluation
+  engine can live beside the trainer's. Multi-process training would need vLLM's external_launcher
+  executor and is refused for now.
+- Sleep mode (CUDA, `rollout.vllm.sleep_between_steps`): after `generate` the engine sleeps (level 1),
+  `sync_weights` wakes the weights and `generate` the KV cache, so training gets the GPU memory.
 """
 
 from __future__ import annotations
@@ -65,7 +48,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lens.rollout import Rollout, SamplingConfig, cut_at_eos, eos_token_ids  # noqa: E402
+from lens.rollout.base import Rollout, SamplingConfig, cut_at_eos, eos_token_ids  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +119,14 @@ class VLLMEngine:
         if not isinstance(self.llm.llm_engine.engine_core, InprocClient):
             self.close()
             raise RuntimeError("vLLM started a separate engine process: VLLM_ENABLE_V1_MULTIPROCESSING=0 must be "
-                               "set before vllm is first imported (import lens.rollout_vllm first)")
+                               "set before vllm is first imported (import lens.rollout.vllm first)")
         self.sync_weights(model)
 
     @classmethod
-    def from_params(cls, params, model, tokenizer, **llm_kwargs) -> VLLMEngine:
+    def from_params(cls, params, model, tokenizer, synced_gpus: bool = False, **llm_kwargs) -> VLLMEngine:
+        if synced_gpus:
+            raise NotImplementedError("rollout.engine=vllm cannot sample from an FSDP-sharded model: the engine "
+                                      "needs the full weights; use rollout.engine=hf under FSDP")
         vp = params.rollout.vllm
         return cls(
             model, tokenizer, dtype=params.model.dtype, seed=params.run.seed,

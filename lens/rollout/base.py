@@ -1,0 +1,105 @@
+"""The rollout interface: what an engine returns (`Rollout`), how it samples (`SamplingConfig`), and the
+registry that maps `rollout.engine` names to engine factories.
+
+Light on purpose: `lens.params` validates `rollout.engine` against `engine_names()`, so this module imports
+neither torch nor transformers, and factories are "module:attribute" strings resolved only when built.
+"""
+
+from __future__ import annotations
+
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Rollout:
+    prompt_index: int                  # index into the prompt list given to `generate`
+    prompt_ids: list[int]
+    completion_ids: list[int]          # up to and including the first EOS
+    text: str                          # decoded completion, special tokens removed
+    logprobs: list[float]              # one per completion token: log softmax(logits / temperature)
+    truncated: bool                    # no EOS within max_new_tokens
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / max(len(self.logprobs), 1)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    greedy: bool = False
+    seed: int | None = None
+
+
+class RolloutEngine(Protocol):
+    """Reports the log-prob of every sampled token under softmax(logits / temperature), the quantity the
+    trainer computes in its forward pass (`lens.loss.token_logprobs_and_entropy`), so the PPO ratio
+    starts at 1 on-policy."""
+
+    def generate(self, prompts: list[str], n: int, sampling: SamplingConfig) -> list[Rollout]:
+        """len(prompts) * n rollouts, grouped: prompt 0's n samples first (greedy: one per prompt)."""
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from `model`'s current weights."""
+
+    def close(self) -> None: ...
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is None:
+            continue
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if not ids:
+        raise ValueError("the model/tokenizer define no EOS token: completions could never end")
+    return ids
+
+
+def cut_at_eos(ids: list[int], logprobs: list[float], eos_ids: set[int]) -> tuple[list[int], list[float], bool]:
+    """Keep tokens up to and including the first EOS; truncated when there is none."""
+    for i, tok in enumerate(ids):
+        if tok in eos_ids:
+            return ids[: i + 1], logprobs[: i + 1], False
+    return ids, logprobs, True
+
+
+# ---- registry -----------------------------------------------------------------------------------
+# A factory is called as factory(params, model, tokenizer, synced_gpus=...) and returns a RolloutEngine;
+# `synced_gpus`: the model is FSDP-sharded and every rank must run every decode step (HF engine only).
+EngineFactory = Callable[..., RolloutEngine]
+
+_ENGINES: dict[str, str | EngineFactory] = {
+    "hf": "lens.rollout.hf:HFEngine.from_params",
+    "vllm": "lens.rollout.vllm:VLLMEngine.from_params",  # optional dependency: imported when built
+}
+
+
+def register_engine(name: str, factory: str | EngineFactory) -> None:
+    """Make `rollout.engine=<name>` build engines with `factory`: a callable, or a "module:attribute"
+    string imported only when such an engine is built. Replaces any engine of that name."""
+    _ENGINES[name] = factory
+
+
+def engine_names() -> tuple[str, ...]:
+    return tuple(_ENGINES)
+
+
+def make_engine(params, model, tokenizer, synced_gpus: bool = False) -> RolloutEngine:
+    """The engine `rollout.engine` names, sampling from `model`."""
+    name = params.rollout.engine
+    if name not in _ENGINES:
+        raise ValueError(f"rollout.engine: unknown engine {name!r}; registered engines: {', '.join(_ENGINES)}")
+    factory = _ENGINES[name]
+    if isinstance(factory, str):
+        factory = pkgutil.resolve_name(factory)
+    return factory(params, model, tokenizer, synced_gpus=synced_gpus)
