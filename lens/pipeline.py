@@ -105,11 +105,18 @@ def warm_start_if_needed(params: Params, runner: Runner) -> dict:
 
 
 def record_dataset(tracker: Tracker, params: Params, digest: str) -> None:
-    data = [DatasetRecord(name=f"{params.profile}-{split}", path=params.data_dir / f"{split}.jsonl",
-                          context=context, digest=digest)
-            for split, context in (("train", "training"), ("eval", "evaluation"))]
-    tracker.log_datasets([d for d in data if d.path.exists()])
-    tracker.set_tags({"lens.data.dvc_hash": digest})
+    """The prepared splits as MLflow dataset inputs, all under the data directory's one digest (DVC's md5,
+    `versioning.data_hash`), with each file's sha256 as a tag."""
+    data, tags = [], {"lens.data.dvc_hash": digest}
+    for split, context in (("train", "training"), ("eval", "evaluation")):
+        path = params.data_dir / f"{split}.jsonl"
+        if path.exists():
+            sha = versioning.file_sha256(path)
+            data.append(DatasetRecord(name=f"{params.profile}-{split}", path=path, context=context, digest=digest,
+                                      tags={"lens.sha256": sha, "lens.dvc_hash": digest}))
+            tags[f"lens.data.{split}.sha256"] = sha
+    tracker.log_datasets(data)
+    tracker.set_tags(tags)
     report = params.data_dir / "report.json"
     if report.exists():
         tracker.log_artifact(report, "data")

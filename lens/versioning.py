@@ -1,4 +1,4 @@
-"""Data and pipeline versioning with DVC (dvc.yaml, .dvc/config): hashes, commit, push, plot data.
+"""Lineage and versioning: git commit, file and DVC hashes; DVC commit and push (dvc.yaml, .dvc/config).
 
 The DVC pipeline (dvc.yaml) runs the same `lens` stages as the CLI and the Prefect flows. This module is
 what the orchestrators call around it, always through the `dvc` command line of the interpreter that
@@ -11,22 +11,18 @@ runs lens (sys.executable's bin directory, else `python -m dvc`), never DVC's Py
   dvc.lock, so `dvc status` / `dvc repro` agree with them instead of re-running;
 * ``dvc_push(targets, repo_root)``: push the prepared dataset (by default) to the default remote, which
   is the dataset versioning: dvc.lock in git names the hash, the remote holds the bytes;
-* ``write_plot_data(root)``: CSV copies of the learning curves and per-level accuracy for `dvc plots`
-  (which cannot read metrics.jsonl), written by dvc.yaml's compare stage.
+* ``git_commit()``, ``file_sha256(paths)``: the code's and a file's identity, for run tags and records.
 
-`python -m lens.versioning plot-data|hash|commit|push ...` exposes the same functions to a shell.
+`python -m lens.versioning hash|commit|push ...` exposes the same functions to a shell.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import fnmatch
 import hashlib
 import importlib.util
-import io
 import json
-import math
 import os
 import subprocess
 import sys
@@ -34,7 +30,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-ALGOS = ("grpo", "lens")
 DATA_STAGE = "prepare"
 
 # params.yaml keys that steer orchestration but cannot change any output: no DVC stage depends on them,
@@ -175,6 +170,41 @@ def locked_hash(out_path: str | os.PathLike[str], repo_root: str | os.PathLike[s
     return None
 
 
+# ---- code and file identity -----------------------------------------------------------------------
+
+
+def git_commit(root: str | os.PathLike[str] | None = None) -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether tracked files differ from it) of the repository at ``root`` (default: the
+    project), or (None, None) outside a git repository."""
+    if root is None:
+        from lens.params import PROJECT_ROOT
+
+        root = PROJECT_ROOT
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None, None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return commit, (bool(status) if status is not None else None)
+
+
+def file_sha256(*paths: str | os.PathLike[str]) -> str:
+    """sha256 over the files' bytes, in the given order (a file's identity without DVC)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 # ---- recording and pushing -------------------------------------------------------------------------
 
 
@@ -202,8 +232,7 @@ def dvc_commit(stages: Iterable[str], repo_root: str | os.PathLike[str], *, para
 
     dvc.lock then claims these outputs follow from params.yaml; pass the run's resolved ``params`` to
     refuse (DvcError naming the keys) when the run used other values (a different profile, overrides).
-    Committing `compare` first (re)writes the CSV plot data that dvc.yaml's compare stage adds to
-    `lens compare` (write_plot_data), from the compare.json and metrics.jsonl being recorded.
+    The outputs must be complete: committing `compare` records its plot data as it is on disk.
     """
     stages = list(stages)
     if not stages:
@@ -215,13 +244,6 @@ def dvc_commit(stages: Iterable[str], repo_root: str | os.PathLike[str], *, para
             lines = "\n  ".join(f"{k}: run used {a!r}, params.yaml has {b!r}" for k, (a, b) in diff.items())
             raise DvcError("refusing to record outputs in dvc.lock: they were not made with params.yaml's "
                            f"values (put the run's values in params.yaml, or re-run with `dvc repro`):\n  {lines}")
-    if "compare" in stages:
-        from lens.params import load_params
-
-        on_disk = load_params(params_file=root / "params.yaml")
-        out_root = Path(on_disk.run.output_root)
-        out_root = (out_root if out_root.is_absolute() else root / out_root) / on_disk.profile
-        write_plot_data(out_root)  # from the outputs being recorded: never stale CSVs beside them
     run_dvc(["commit", "--force", *stages], root)
 
 
@@ -243,77 +265,12 @@ def default_remote_url(repo_root: str | os.PathLike[str]) -> str | None:
     return url or None
 
 
-# ---- plot data for `dvc plots` -------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def curve_rows(metrics_jsonl: str | os.PathLike[str]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows) of a metrics.jsonl: numeric values only, one row per step (the last one logged
-    wins, as after a resume), ordered by step; columns are "step" then keys in first-seen order."""
-    by_step: dict[Any, dict[str, Any]] = {}
-    columns: dict[str, None] = {"step": None}
-    for i, line in enumerate(Path(metrics_jsonl).read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        step = row.get("step", i)
-        clean = {k: v for k, v in row.items() if _number(v)}
-        clean["step"] = step
-        columns.update(dict.fromkeys(clean))
-        by_step[step] = clean
-    return list(columns), [by_step[s] for s in sorted(by_step)]
-
-
-def _csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def write_plot_data(root: str | os.PathLike[str], algos: Sequence[str] = ALGOS) -> dict[str, Path]:
-    """Under ``root`` (runs/<profile>): compare/curves/<algo>.csv from <algo>/metrics.jsonl and
-    compare/accuracy_by_level.csv (level, <algo a>, <algo b>) from compare/compare.json."""
-    root = Path(root)
-    written: dict[str, Path] = {}
-    for algo in algos:
-        metrics = root / algo / "metrics.jsonl"
-        if not metrics.exists():
-            raise FileNotFoundError(f"{metrics} not found: run `lens train --algo {algo}` first")
-        columns, rows = curve_rows(metrics)
-        written[f"curves_{algo}"] = _atomic_write(root / "compare" / "curves" / f"{algo}.csv", _csv(columns, rows))
-    cmp_path = root / "compare" / "compare.json"
-    if not cmp_path.exists():
-        raise FileNotFoundError(f"{cmp_path} not found: run `lens compare` first")
-    cmp = json.loads(cmp_path.read_text())
-    names = list(cmp["names"])
-    rows = [{"level": int(level), **{n: row[n] for n in names}}
-            for level, row in sorted(cmp["levels"].items(), key=lambda kv: int(kv[0]))]
-    written["accuracy_by_level"] = _atomic_write(root / "compare" / "accuracy_by_level.csv",
-                                                 _csv(["level", *names], rows))
-    return written
-
-
 # ---- command line --------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lens.versioning", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plot-data", help="CSV learning curves and per-level accuracy for `dvc plots`")
-    p.add_argument("root", help="the profile's output directory, e.g. runs/tiny")
     p = sub.add_parser("hash", help="print DVC's md5 of a directory or file")
     p.add_argument("path")
     p = sub.add_parser("commit", help="record outputs made outside `dvc repro` (dvc commit -f)")
@@ -325,10 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remote", default=None)
     args = parser.parse_args(argv)
     try:
-        if args.command == "plot-data":
-            for path in write_plot_data(args.root).values():
-                print(path)
-        elif args.command == "hash":
+        if args.command == "hash":
             print(data_hash(args.path))
         elif args.command == "commit":
             dvc_commit(args.stages, args.repo)

@@ -34,3 +34,12 @@ def synthetic_data(params) -> None:
     s = params.data.synthetic
     write_problems(params.data_dir / "train.jsonl", synthetic_problems("train", s.train_per_level, s.seed, params.data.levels))
     write_problems(params.data_dir / "eval.jsonl", synthetic_problems("eval", s.eval_per_level, s.seed, params.data.levels))
+
+
+def shared_data_overrides() -> list[str]:
+    """`data.*_path` overrides that read MATH and GSM8K from ../shared/data instead of the hub."""
+    from tests.conftest import SHARED_DATA
+
+    files = {"math_train_path": "math/train_subset.jsonl", "math_eval_path": "math/math500.jsonl",
+             "gsm8k_train_path": "gsm8k/train.jsonl", "gsm8k_eval_path": "gsm8k/test.jsonl"}
+    return [f"data.{key}={SHARED_DATA / file}" for key, file in files.items()]

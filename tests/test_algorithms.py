@@ -1,4 +1,5 @@
-"""GRPO and LENS advantages: the worked example of LENS.md and properties that must always hold."""
+"""GRPO and LENS advantages (lens.estimators): the worked example of LENS.md and properties that must always
+hold; the registry every list of algorithms derives from."""
 
 import math
 
@@ -7,8 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lens.algorithms import (calibrated_rewards, compute_advantages, group_stats, grpo_advantages,
-                             lens_advantages)
+from lens import estimators
+from lens.estimators import compute_advantages
+from lens.estimators.groups import group_stats
+from lens.estimators.grpo import grpo_advantages
+from lens.estimators.lens import calibrated_rewards, lens_advantages
+from lens.params import TrainParams
 
 
 def worked_example():
@@ -83,9 +88,32 @@ def test_group_stats_and_dispatch():
     stats = group_stats(correct)
     assert (stats.frac_all_correct, stats.frac_all_wrong, stats.frac_mixed) == (0.25, 0.5, 0.25)
     lp = torch.full((4, 2), -1.0)
-    assert torch.equal(compute_advantages("grpo", correct, lp), grpo_advantages(correct))
+    assert torch.equal(compute_advantages(TrainParams(algo="grpo"), correct, lp), grpo_advantages(correct))
+    lens = compute_advantages(TrainParams(algo="lens", lens={"alpha": 0.5}), correct, lp)
+    assert torch.equal(lens, lens_advantages(correct, lp, alpha=0.5))
+    assert torch.equal(compute_advantages(TrainParams(algo="grpo", grpo={"scale_std": False}), correct, lp),
+                       grpo_advantages(correct, scale_std=False))
     with pytest.raises(ValueError, match="train.algo"):
-        compute_advantages("ppo", correct, lp)
+        estimators.get("ppo")
+
+
+def test_registry_lists_the_estimators_and_a_registered_one_is_usable_by_name():
+    assert estimators.names()[:2] == ("grpo", "lens")
+
+    @estimators.register("test-ones", summary="every sample gets advantage 1")
+    def ones(correct, mean_logprob, section, eps):
+        return torch.ones_like(correct)
+
+    try:
+        assert "test-ones" in estimators.names()
+        params = TrainParams(algo="test-ones")
+        assert torch.equal(compute_advantages(params, torch.zeros(2, 3), torch.zeros(2, 3)), torch.ones(2, 3))
+        with pytest.raises(ValueError, match="already registered"):
+            estimators.register("test-ones")(lambda *a: None)
+    finally:
+        estimators.unregister("test-ones")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        TrainParams(algo="test-ones")
 
 
 def test_bad_inputs_are_rejected():

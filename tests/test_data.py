@@ -1,4 +1,5 @@
-"""lens.data on the real shared datasets, both public MATH schemas, GSM8K and the synthetic curriculum."""
+"""lens.data on the real shared datasets, both public MATH schemas, GSM8K, the synthetic curriculum and the
+registry of data sources."""
 
 import os
 
@@ -8,6 +9,8 @@ import json
 import logging
 import re
 import string
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,10 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lens import data
 from lens.data import (
+    HENDRYCKS_CONFIGS,
     INSTRUCTION,
     PLAIN_TEMPLATE,
+    DataUnavailableError,
     LoadReport,
     Problem,
     last_boxed,
@@ -26,18 +30,22 @@ from lens.data import (
     load_math,
     load_problems_for,
     read_problems,
+    register_source,
     render_prompt,
+    source_names,
     synthetic_problems,
     synthetic_split_of,
     write_problems,
 )
-from lens.params import load_params
+from lens.data import registry, sources
+from lens.params import PROJECT_ROOT, ParamsError, load_params
+from tests.conftest import SHARED_DATA
+from tests.helpers import shared_data_overrides
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-MATH500 = SHARED / "math" / "math500.jsonl"
-MATH_TRAIN = SHARED / "math" / "train_subset.jsonl"
-GSM8K_TRAIN = SHARED / "gsm8k" / "train.jsonl"
-GSM8K_TEST = SHARED / "gsm8k" / "test.jsonl"
+MATH500 = SHARED_DATA / "math" / "math500.jsonl"
+MATH_TRAIN = SHARED_DATA / "math" / "train_subset.jsonl"
+GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
+GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 
 needs_shared = pytest.mark.skipif(not MATH500.exists(), reason="shared data not available")
 
@@ -201,8 +209,8 @@ def test_hendrycks_hub_loads_every_subject_config(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     problems, report = load_math("EleutherAI/hendrycks_math", split="train")
-    assert calls == [("EleutherAI/hendrycks_math", c, "train") for c in data.HENDRYCKS_CONFIGS]
-    assert [p.subject for p in problems] == list(data.HENDRYCKS_CONFIGS)
+    assert calls == [("EleutherAI/hendrycks_math", c, "train") for c in HENDRYCKS_CONFIGS]
+    assert [p.subject for p in problems] == list(HENDRYCKS_CONFIGS)
     assert len({p.id for p in problems}) == len(problems) == report.kept == 7
 
 
@@ -392,7 +400,7 @@ def test_load_problems_for_tiny_profile():
 @needs_shared
 def test_load_problems_for_math_caps_are_seeded_and_per_level():
     overrides = ["data.train_source=math", "data.eval_source=math", "data.levels=[1,2]",
-                 "data.max_eval_problems_per_level=10", "data.max_train_problems=100"]
+                 "data.max_eval_problems_per_level=10", "data.max_train_problems=100", *shared_data_overrides()]
     params = load_params("tiny", overrides)
     evals, (report,) = load_problems_for(params, "eval")
     assert Counter(p.level for p in evals) == {1: 10, 2: 10}
@@ -410,7 +418,8 @@ def test_load_problems_for_math_caps_are_seeded_and_per_level():
 
 @needs_shared
 def test_load_problems_for_smollm2_mixture():
-    params = load_params("smollm2", ["data.synthetic.train_per_level=100", "data.max_train_problems=300"])
+    params = load_params("smollm2", ["data.synthetic.train_per_level=100", "data.max_train_problems=300",
+                                     *shared_data_overrides()])
     train, reports = load_problems_for(params, "train")
     assert len(train) == 300 and len({p.id for p in train}) == 300
     assert [r.source.split("(")[0].rsplit("/", 1)[-1] for r in reports] == [
@@ -427,9 +436,94 @@ def test_load_problems_for_smollm2_mixture():
 
 def test_hub_ids_pass_through_unresolved(monkeypatch):
     seen = []
-    monkeypatch.setattr(data, "load_math", lambda source, split, levels: (seen.append((source, split)) or [],
+    monkeypatch.setattr(sources, "load_math", lambda source, split, levels: (seen.append((source, split)) or [],
                                                                         LoadReport(source, 0, 0, {})))
     params = load_params("paper")
     load_problems_for(params, "eval")
     load_problems_for(params, "train")
     assert seen == [("HuggingFaceH4/MATH-500", "test"), ("EleutherAI/hendrycks_math", "train")]
+
+
+# ---- the registry of data sources and the default datasets -------------------------------------
+
+def test_builtin_sources_are_registered_and_params_accept_only_registered_names():
+    assert set(source_names()) >= {"synthetic", "math", "gsm8k", "mixture"}
+    for key in ("train_source", "eval_source"):
+        with pytest.raises(ParamsError, match=rf"data\.{key}: .*unknown data source 'maths'.*gsm8k, math, mixture"):
+            load_params("tiny", [f"data.{key}=maths"])
+
+
+def test_a_registered_source_is_selectable_and_dispatched(monkeypatch):
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))  # registrations end with the test
+
+    def two_problems(params, split):
+        problems = [Problem(f"mine-{split}-{i}", f"{i}+{i}", str(2 * i), 1, "mine") for i in range(2)]
+        return [registry.SourcePart(problems, LoadReport("mine", 2, 2, {}))]
+
+    register_source("mine", two_problems)
+    with pytest.raises(ValueError, match="already registered"):
+        register_source("mine")(lambda params, split: [])
+    params = load_params("tiny", ["data.train_source=mine", "data.eval_source=mine"])
+    evals, (report,) = load_problems_for(params, "eval")
+    assert [p.id for p in evals] == ["mine-eval-0", "mine-eval-1"] and report.source == "mine"
+
+
+def test_listing_sources_imports_no_dataset_or_tensor_library():
+    code = ("import sys; from lens.data import source_names; source_names(); "
+            "print(sorted(m for m in ('datasets', 'torch', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_default_datasets_are_hub_ids_never_paths_outside_the_repository():
+    data = load_params("tiny").data
+    assert (data.math_train_path, data.math_eval_path) == ("EleutherAI/hendrycks_math", "HuggingFaceH4/MATH-500")
+    assert data.gsm8k_train_path == data.gsm8k_eval_path == "openai/gsm8k"
+    for profile in ("tiny", "smollm2", "paper"):
+        paths = [v for k, v in load_params(profile).data.model_dump().items() if k.endswith("_path")]
+        assert not [p for p in paths if ".." in p or p.startswith("/")], (profile, paths)
+
+
+OFFLINE_PROBE = """
+import json
+from lens.data import DataUnavailableError, load_problems_for
+from lens.params import load_params
+
+errors = {}
+for source, split in (("math", "train"), ("math", "eval"), ("gsm8k", "train"), ("mixture", "eval")):
+    try:
+        load_problems_for(load_params("tiny", [f"data.{split}_source={source}"]), split)
+    except DataUnavailableError as exc:
+        errors[f"{source}/{split}"] = str(exc)
+print(json.dumps(errors))
+"""
+
+
+def test_offline_default_hub_datasets_not_in_the_cache_fail_naming_the_key(tmp_path):
+    """The defaults are hub ids: offline with an empty cache (a fresh HF_HOME), each fails with its key."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", OFFLINE_PROBE], cwd=PROJECT_ROOT, env=env,
+                         capture_output=True, text=True, check=True)
+    errors = json.loads(out.stdout.splitlines()[-1])
+    keys = {"math/train": "math_train_path", "math/eval": "math_eval_path", "gsm8k/train": "gsm8k_train_path",
+            "mixture/eval": "gsm8k_eval_path"}  # a mixture reads GSM8K before MATH
+    assert set(errors) == set(keys)
+    for case, key in keys.items():
+        assert re.match(rf"data\.{key}: cannot load '[\w/-]+' \(ConnectionError", errors[case]), errors[case]
+        assert f"set data.{key}=<a local .jsonl or .parquet file>" in errors[case]
+        assert "HF_HUB_OFFLINE is set" in errors[case]
+
+
+def test_offline_unknown_hub_dataset_names_the_key():
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest: the test never reaches the network
+    params = load_params("tiny", ["data.train_source=gsm8k", "data.gsm8k_train_path=lens-tests/no-such-dataset"])
+    with pytest.raises(DataUnavailableError, match=r"^data\.gsm8k_train_path: .*no-such-dataset.*\.parquet"):
+        load_problems_for(params, "train")
+
+
+def test_missing_local_file_names_the_key(tmp_path):
+    params = load_params("tiny", ["data.eval_source=math", f"data.math_eval_path={tmp_path / 'absent.jsonl'}"])
+    with pytest.raises(FileNotFoundError, match=r"^data\.math_eval_path: cannot load .*absent\.jsonl"):
+        load_problems_for(params, "eval")

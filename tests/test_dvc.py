@@ -7,7 +7,6 @@ its params.yaml so the whole pipeline runs in about a minute, and drive it with 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -27,7 +26,6 @@ from lens.versioning import (
     dvc_commit,
     dvc_push,
     locked_hash,
-    write_plot_data,
 )
 from tests.conftest import PROJECT_ROOT
 
@@ -84,24 +82,6 @@ def test_train_stage_depends_on_every_train_key_in_params_yaml_except_orchestrat
     assert not [k for k in orchestration if _covered(k, declared)], "orchestration-only keys must not be deps"
     if algo == "grpo":
         assert not [d for d in declared if d.startswith("train.lens")], "GRPO must not depend on train.lens"
-
-
-def test_plot_data_turns_metrics_jsonl_and_compare_json_into_csv(tmp_path):
-    for algo in ("grpo", "lens"):
-        rows = [{"step": 1, "train/reward_mean": 0.1, "algo": algo}, {"step": 2, "train/reward_mean": 0.2},
-                {"step": 2, "train/reward_mean": 0.3, "train/acc": 0.5, "flag": True}]  # resumed: last wins
-        (tmp_path / algo).mkdir()
-        (tmp_path / algo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "compare").mkdir()
-    (tmp_path / "compare" / "compare.json").write_text(json.dumps({
-        "names": ["grpo", "lens"], "levels": {"2": {"grpo": 0.25, "lens": 0.5}, "10": {"grpo": 0, "lens": 1}}}))
-    write_plot_data(tmp_path)
-    with open(tmp_path / "compare" / "curves" / "lens.csv") as fh:
-        curve = list(csv.DictReader(fh))
-    assert curve == [{"step": "1", "train/reward_mean": "0.1", "train/acc": ""},
-                     {"step": "2", "train/reward_mean": "0.3", "train/acc": "0.5"}]
-    with open(tmp_path / "compare" / "accuracy_by_level.csv") as fh:
-        assert list(csv.reader(fh)) == [["level", "grpo", "lens"], ["2", "0.25", "0.5"], ["10", "0", "1"]]
 
 
 def test_dvc_commit_refuses_outputs_made_with_other_values_than_params_yaml(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 
 from lens import smollm2
 from tests.conftest import SHARED_DATA
+from tests.helpers import shared_data_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -175,12 +176,13 @@ def test_smollm2_profile_rl_smoke_run(converted, cache, tmp_path):
     from lens import stages
     from lens.params import load_params
 
-    assert (SHARED_DATA / "gsm8k" / "train.jsonl").exists(), f"the smollm2 profile reads {SHARED_DATA}"
+    assert (SHARED_DATA / "gsm8k" / "train.jsonl").exists(), f"this test reads {SHARED_DATA}, not the hub"
     params = load_params("smollm2", [
         f"run.output_root={tmp_path}", f"model.cache_dir={cache}", "train.steps=2", "train.prompts_per_step=2",
         "rollout.group_size=4", "rollout.max_new_tokens=48", "train.mini_batch_size=8", "train.micro_batch_size=4",
         "train.checkpoint_every=2", "eval.samples_per_problem=2", "eval.max_new_tokens=32", "eval.ks=[1,2]",
         "eval.bootstrap_samples=100", "data.max_eval_problems_per_level=2", "verify.workers=1",
+        *shared_data_overrides(),
     ])
     prepared = stages.prepare(params)
     train_sources = {s["source"] for s in prepared["splits"]["train"]["sources"]}

@@ -3,7 +3,8 @@
 One module-scoped scenario logs what `lens all` would (a parent run, a GRPO and a LENS child run with
 per-step metrics, datasets, evaluation, a registered policy each, and the comparison on the parent); the
 tests read it back with MlflowClient. Training itself is not run here (its verifier processes take tens
-of seconds to start on 2 cores): the step callback is fed rows with the trainer's metric keys.
+of seconds to start on 2 cores): the step callback is fed rows with the trainer's metric keys. The
+tracker is a sink: the scenario hands it what the pipeline would (flat metrics, files, dataset records).
 """
 
 from __future__ import annotations
@@ -18,18 +19,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lens.compare import compare, plot_levels, write_compare
-from lens.evaluate import ProblemResult, summarize
+from lens import model_registry
+from lens import pipeline
+from lens.compare import compare_arms
+from lens.compare_report import comparison_metrics
+from lens.data import PLAIN_TEMPLATE
+from lens.evaluate import ProblemResult, eval_metrics, summarize
 from lens.params import PROJECT_ROOT
-from lens.tracking import (
-    Tracker,
-    TrackingError,
-    dvc_out_hash,
-    metric_key,
-    param_dict,
-    resolve_tracking_uri,
-    sample_rollouts,
-)
+from lens.tracking import DatasetRecord, Tracker, TrackingError, metric_key, param_dict, resolve_tracking_uri
+from lens.versioning import data_hash, file_sha256, locked_hash
 from tests.helpers import random_policy, small_params, synthetic_data
 from tests.mlflow_helpers import tracking_overrides
 
@@ -48,7 +46,7 @@ TRAINER_KEYS = [
     "train/clip_frac", "train/kl", "train/entropy", "train/grad_norm", "perf/train_tok_s", "perf/update_s",
     "train/skipped_steps", "train/lr", "perf/step_s",
 ]
-DVC_HASH = "0123456789abcdef0123456789abcdef.dir"
+FLOW_RUN_ID = "11111111-2222-3333-4444-555555555555"
 
 
 def step_row(algo: str, step: int) -> dict:
@@ -64,14 +62,26 @@ def eval_summary(algo: str) -> dict:
     return summarize(results, ks=(1, 2, 4), bootstrap_samples=100) | {"algo": algo}
 
 
-def write_rollouts(params, algo: str) -> None:
-    out = params.algo_dir(algo) / "rollouts"
-    out.mkdir(parents=True, exist_ok=True)
-    for step in range(STEPS):
-        pd.DataFrame({"step": [step] * 8, "problem_id": [f"p{i // 4}" for i in range(8)], "level": [1] * 8,
-                      "prompt": ["Q: 1+1\nA: "] * 8, "completion": [f"\\boxed{{{i}}}" for i in range(8)],
-                      "reward": [float(i == 2) for i in range(8)], "mean_logprob": [-1.0] * 8,
-                      "advantage": [0.5] * 8}).to_parquet(out / f"step-{step:06d}.parquet")
+def rollouts_sample(path: Path) -> Path:
+    """A rollouts sample as the pipeline hands it over: 5 rows per algorithm, with an `algo` column."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"step": [STEPS] * 10, "problem_id": [f"p{i // 4}" for i in range(10)], "level": [1] * 10,
+                  "prompt": ["Q: 1+1\nA: "] * 10, "completion": [f"\\boxed{{{i}}}" for i in range(10)],
+                  "reward": [float(i == 2) for i in range(10)], "algo": ["grpo"] * 5 + ["lens"] * 5,
+                  }).to_parquet(path)
+    return path
+
+
+def compare_files(out_dir: Path, cmp: dict) -> dict[str, Path]:
+    """Stand-ins for the comparison report's files: the tracker only uploads what it is handed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"md": out_dir / "compare.md", "csv": out_dir / "compare.csv", "json": out_dir / "compare.json",
+             "levels_png": out_dir / "accuracy_by_level.png"}
+    files["md"].write_text("# LENS vs GRPO (tiny)\n\n| level | grpo | lens |\n")
+    files["csv"].write_text("level,grpo,lens\n")
+    files["json"].write_text(json.dumps(cmp))
+    files["levels_png"].write_bytes(b"\x89PNG\r\n\x1a\n")
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -83,33 +93,39 @@ def scenario(tmp_path_factory):
     policy = random_policy(base)
     per_algo = {algo: small_params(root, *overrides, f"train.algo={algo}") for algo in ALGOS}
     summaries = {algo: eval_summary(algo) for algo in ALGOS}
-    cmp = compare(summaries["grpo"], summaries["lens"], bootstrap_samples=100)
-    files = write_compare(base.root / "compare", cmp)
-    files["levels_png"] = plot_levels(cmp, base.root / "compare" / "accuracy_by_level.png")
+    arms = compare_arms(summaries, "grpo", bootstrap_samples=100)
+    cmp = arms["pairs"]["lens"]
+    files = compare_files(base.root / "compare", cmp)
     for algo in ALGOS:
-        write_rollouts(base, algo)
         shutil.copytree(policy, base.algo_dir(algo) / "final")
-    sample = sample_rollouts(base, base.root / "compare" / "rollouts_sample.parquet", rows_per_algo=5)
+    sample = rollouts_sample(base.root / "compare" / "rollouts_sample.parquet")
 
     runs, versions = {}, {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT__FLOW_RUN_ID", "11111111-2222-3333-4444-555555555555")
-        with Tracker(base, run_name="test-pipeline", tags={"suite": "test_tracking"}) as tracker:
-            for algo in ALGOS:
-                p = per_algo[algo]
-                with tracker.algo_run(algo, p) as run_id:
-                    runs[algo] = run_id
-                    tracker.log_dataset(p, p.data_dir, dvc_hash=DVC_HASH if algo == "lens" else None)
-                    callback = tracker.step_callback()
-                    for step in range(1, STEPS + 1):
-                        callback(step, step_row(algo, step))
-                    tracker.log_eval(summaries[algo])
-                    versions[algo] = tracker.log_policy(p.algo_dir(algo) / "final", algo)
-            # `lens compare` in another process attaches to the parent instead of opening its own
-            with Tracker(base, parent_run_id=tracker.run_id) as attached:
-                attached.log_comparison(cmp, files, sample)
-            assert (attached.run_id, attached.experiment_id) == (tracker.run_id, tracker.experiment_id)
-            assert attached.latest_algo_run("lens") == runs["lens"]
+    run_tags = {"suite": "test_tracking", "prefect.flow_run_id": FLOW_RUN_ID}
+    with Tracker(base, run_name="test-pipeline", tags=run_tags) as tracker:
+        for algo in ALGOS:
+            p = per_algo[algo]
+            with tracker.algo_run(algo, p, tags={"prefect.task_run_name": f"train-{algo}"}) as run_id:
+                runs[algo] = run_id
+                pipeline.record_dataset(tracker, p, data_hash(p.data_dir))
+                callback = tracker.step_callback()
+                for step in range(1, STEPS + 1):
+                    callback(step, step_row(algo, step))
+                tracker.log_metrics(eval_metrics(summaries[algo]), step=p.train.steps)
+                tracker.log_dict(summaries[algo], "eval/eval.json")
+                versions[algo] = model_registry.log_policy(
+                    tracker, p.algo_dir(algo) / "final", algo, max_new_tokens=p.eval.max_new_tokens,
+                    prompt_template=PLAIN_TEMPLATE.replace("{problem}", "{prompt}"))
+        # `lens compare` in another process attaches to the parent instead of opening its own
+        with Tracker(base, parent_run_id=tracker.run_id) as attached:
+            attached.log_metrics(comparison_metrics(arms))
+            for path in files.values():
+                attached.log_artifact(path, "compare")
+            attached.set_description(files["md"].read_text())
+            attached.log_artifact(sample, "rollouts")
+            attached.log_table(pd.read_parquet(sample), "rollouts/sample.json")
+        assert (attached.run_id, attached.experiment_id) == (tracker.run_id, tracker.experiment_id)
+        assert attached.latest_algo_run("lens") == runs["lens"]
     return {"client": MlflowClient(tracker.tracking_uri), "tracker": tracker, "parent": tracker.run_id,
             "runs": runs, "versions": versions, "params": per_algo, "summaries": summaries, "cmp": cmp,
             "root": root}
@@ -129,8 +145,10 @@ def test_one_parent_run_with_a_finished_child_run_per_algorithm(scenario):
         assert child.info.run_id == scenario["runs"][algo] and child.info.status == "FINISHED"
         tags = child.data.tags
         assert (tags["lens.algo"], tags["lens.profile"]) == (algo, "tiny")
-        assert tags["prefect.flow_run_id"] == "11111111-2222-3333-4444-555555555555"
-        assert tags["suite"] == "test_tracking"
+        assert tags["prefect.flow_run_id"] == FLOW_RUN_ID and tags["suite"] == "test_tracking"  # the tracker's
+        assert tags["prefect.task_run_name"] == f"train-{algo}"  # algo_run's own
+    assert parent.data.tags["prefect.flow_run_id"] == FLOW_RUN_ID
+    assert "prefect.task_run_name" not in parent.data.tags
 
 
 def test_git_commit_is_a_tag_when_the_project_is_a_git_repo(scenario):
@@ -198,10 +216,12 @@ def test_datasets_are_logged_as_inputs_with_their_hash(scenario):
         assert contexts == {"tiny-train": "training", "tiny-eval": "evaluation"}
         sha = hashlib.sha256((data_dir / "train.jsonl").read_bytes()).hexdigest()
         assert run.data.tags["lens.data.train.sha256"] == sha
-        expected = DVC_HASH if algo == "lens" else sha[:32]
-        assert inputs["tiny-train"].dataset.digest == expected
+        # One digest for every arm and split: DVC's md5 of the prepared data directory.
+        digest = data_hash(data_dir)
+        assert {d.dataset.digest for d in inputs.values()} == {digest}
+        assert {t.key: t.value for t in inputs["tiny-train"].tags}["lens.sha256"] == sha
         assert json.loads(inputs["tiny-train"].dataset.profile)["num_rows"] == 5 * 50
-    assert client.get_run(scenario["runs"]["lens"]).data.tags["lens.data.dvc_hash"] == DVC_HASH
+        assert run.data.tags["lens.data.dvc_hash"] == digest
 
 
 def test_policies_are_registered_with_an_alias_per_algorithm(scenario):
@@ -286,13 +306,20 @@ def test_unreachable_server_fails_fast_naming_the_uri(tmp_path):
 def test_disabled_tracker_is_a_no_op_and_creates_no_store(tmp_path):
     db = tmp_path / "never.db"
     params = small_params(tmp_path, "tracking.enabled=false", f"tracking.tracking_uri=sqlite:///{db}")
-    with Tracker(params) as tracker:
-        with tracker.algo_run("grpo", params) as run_id:
+    with Tracker(params, tags={"suite": "x"}) as tracker:
+        with tracker.algo_run("grpo", params, tags={"a": "b"}) as run_id:
             tracker.step_callback()(1, {"train/acc": 1.0})
-            tracker.log_dataset(params, params.data_dir)
-            tracker.log_eval({"metrics": {"eval/acc": 1.0}})
-            assert tracker.log_policy(tmp_path / "nowhere", "grpo") is None
-        tracker.log_comparison({"names": ["grpo", "lens"]}, {})
+            tracker.log_datasets([DatasetRecord("tiny-train", tmp_path / "none.jsonl", "training", "0" * 32)])
+            tracker.log_metrics({"eval/acc": 1.0}, step=3)
+            tracker.log_params({"a": 1})
+            tracker.set_tags({"a": "b"})
+            tracker.log_dict({"metrics": {}}, "eval/eval.json")
+            assert model_registry.log_policy(tracker, tmp_path / "nowhere", "grpo", prompt_template=None,
+                                             max_new_tokens=4) is None
+        tracker.log_artifact(tmp_path / "nowhere.md", "compare")
+        tracker.log_table(pd.DataFrame({"a": [1]}), "rollouts/sample.json")
+        tracker.set_description("# nothing")
+        assert tracker.latest_algo_run("grpo") is None
     assert run_id is None and tracker.run_id is None and tracker.run_url() is None
     assert not db.exists() and not (tmp_path / "mlartifacts").exists()
 
@@ -304,9 +331,10 @@ def test_pyfunc_fallback_when_the_transformers_flavor_refuses_the_model(tmp_path
     def refuse(*args, **kwargs):
         raise ValueError("unsupported model")
 
-    monkeypatch.setattr(Tracker, "_log_transformers", refuse)
+    monkeypatch.setattr(model_registry, "_log_transformers", refuse)
     with Tracker(params) as tracker, tracker.algo_run("grpo", params) as run_id:
-        version = tracker.log_policy(model_dir, "grpo")
+        version = model_registry.log_policy(tracker, model_dir, "grpo", prompt_template=None,
+                                            max_new_tokens=params.eval.max_new_tokens)
     client = MlflowClient(tracker.tracking_uri)
     assert client.get_run(run_id).data.tags["lens.model_flavor"] == "pyfunc"
     assert str(client.get_model_version_by_alias("lens-policy", "grpo").version) == version
@@ -324,10 +352,18 @@ def test_uri_and_name_helpers():
     assert metric_key("a b:c/d.e-f") == "a b:c/d.e-f" and metric_key("x(y)") == "x_y_"
 
 
-def test_dvc_out_hash_reads_the_recorded_output_hash(tmp_path):
+def test_locked_hash_reads_the_recorded_output_hash(tmp_path):
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  prepare:\n    cmd: lens prepare\n    outs:\n"
         "    - path: runs/tiny/data\n      hash: md5\n      md5: 3f2a.dir\n      size: 10\n      nfiles: 3\n")
-    assert dvc_out_hash(tmp_path / "runs" / "tiny" / "data", tmp_path / "dvc.lock") == "3f2a.dir"
-    assert dvc_out_hash(tmp_path / "runs" / "tiny" / "other", tmp_path / "dvc.lock") is None
-    assert dvc_out_hash(tmp_path / "x", tmp_path / "missing.lock") is None
+    assert locked_hash(tmp_path / "runs" / "tiny" / "data", tmp_path) == "3f2a.dir"
+    assert locked_hash(tmp_path / "runs" / "tiny" / "other", tmp_path) is None
+    assert locked_hash(tmp_path / "x", tmp_path / "no-lock-here") is None
+
+
+def test_file_sha256_hashes_the_files_in_order(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"one")
+    b.write_bytes(b"two")
+    assert file_sha256(a) == hashlib.sha256(b"one").hexdigest()
+    assert file_sha256(a, b) == hashlib.sha256(b"onetwo").hexdigest() != file_sha256(b, a)

@@ -1,0 +1,194 @@
+"""MATH and GSM8K from a local .jsonl/.parquet file or a Hugging Face hub id, normalised to `Problem`.
+
+Loaders never drop a row silently: each unusable row (no level, no answer, no problem text, a duplicate
+id, unparsable JSON) is counted by reason in a `LoadReport` and logged as a warning, because real MATH
+dumps do contain such rows ("Level ?", solutions without `\\boxed{}`), and a quietly shrinking dataset
+skews per-level results. Rows removed on purpose (the `levels` filter) are counted under their own reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lens.data.boxed import last_boxed
+from lens.data.problems import LoadReport, Problem
+
+log = logging.getLogger(__name__)
+
+HENDRYCKS_MATH = "EleutherAI/hendrycks_math"
+# The hub publishes this dataset as one config per subject; the order fixes the concatenation order.
+HENDRYCKS_CONFIGS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                     "number_theory", "prealgebra", "precalculus")
+GSM8K_HUB_CONFIG = "main"
+LOCAL_SUFFIXES = (".jsonl", ".parquet")
+
+
+class _Skip(Exception):
+    """Raised by a row converter: the row is unusable for the reason given."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---- reading rows -----------------------------------------------------------------------------
+
+def is_local(source: str) -> bool:
+    """An existing file, or a name with a local file suffix, is local.
+
+    Anything else (a hub id, a local dataset folder) goes to `datasets`.
+    """
+    return Path(source).is_file() or source.endswith(LOCAL_SUFFIXES)
+
+
+def _read_local(path: Path) -> list[dict[str, Any] | None]:
+    """Rows of a .jsonl or .parquet file; None stands for a JSON line that is not an object."""
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".jsonl":
+        return [_parse_json_line(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise ValueError(f"unsupported data file {path}: expected one of {LOCAL_SUFFIXES}")
+
+
+def _parse_json_line(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _read_hub(source: str, split: str, configs: Sequence[str | None]) -> list[dict[str, Any] | None]:
+    """Rows of a hub dataset split, concatenated over `configs` (imported lazily: `datasets` is slow to import)."""
+    import datasets
+
+    rows: list[dict[str, Any] | None] = []
+    for config in configs:
+        rows.extend(datasets.load_dataset(source, config, split=split))
+    return rows
+
+
+def _read_rows(source: str, split: str, hub_configs: Sequence[str | None]) -> list[dict[str, Any] | None]:
+    return _read_local(Path(source)) if is_local(source) else _read_hub(source, split, hub_configs)
+
+
+def _id_prefix(source: str, split: str) -> str:
+    """Prefix of index-based ids for rows without `unique_id`: the file stem, or the hub name and split."""
+    return Path(source).stem if is_local(source) else f"{source.rsplit('/', 1)[-1]}-{split}"
+
+
+# ---- normalising rows -------------------------------------------------------------------------
+
+def parse_level(value: Any) -> int | None:
+    """1..5 from an int (MATH-500) or "Level N" (hendrycks_math); None for "Level ?", missing or out of range."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(?:Level\s*)?(\d+)\s*", value)
+        value = int(match.group(1)) if match else None
+    return value if isinstance(value, int) and 1 <= value <= 5 else None
+
+
+def _text(row: Mapping[str, Any], key: str) -> str:
+    value = row.get(key)
+    return str(value).strip() if value is not None and not isinstance(value, bool) else ""
+
+
+def _math_problem(row: Mapping[str, Any], fallback_id: str) -> Problem:
+    """One MATH row of either public schema; the `answer` column wins over the solution's last box."""
+    problem = _text(row, "problem")
+    if not problem:
+        raise _Skip("missing_problem")
+    level = parse_level(row.get("level"))
+    if level is None:
+        raise _Skip("bad_level")
+    answer = _text(row, "answer") or last_boxed(_text(row, "solution")) or ""
+    if not answer:
+        raise _Skip("no_answer")
+    subject = _text(row, "subject") or _text(row, "type") or "unknown"
+    return Problem(_text(row, "unique_id") or fallback_id, problem, answer, level, subject)
+
+
+def gsm8k_final_answer(answer: str) -> str | None:
+    """Text after the last `####` (commas removed), or the whole field when it is a bare value."""
+    final = answer.rsplit("####", 1)[-1] if "####" in answer else answer
+    final = final.strip().replace(",", "")
+    return final if final and not re.search(r"\s", final) else None
+
+
+def _gsm8k_problem(row: Mapping[str, Any], fallback_id: str) -> Problem:
+    question = _text(row, "question")
+    if not question:
+        raise _Skip("missing_problem")
+    answer = gsm8k_final_answer(_text(row, "answer"))
+    if answer is None:
+        raise _Skip("no_answer")
+    return Problem(fallback_id, question, answer, 1, "gsm8k")
+
+
+def _collect(
+    rows: Sequence[dict[str, Any] | None],
+    source: str,
+    id_prefix: str,
+    convert: Callable[[Mapping[str, Any], str], Problem],
+    levels: Iterable[int] | None,
+) -> tuple[list[Problem], LoadReport]:
+    """Convert rows, count every dropped row by reason, warn about defects, then apply the level filter."""
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    dropped: Counter[str] = Counter()
+    examples: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        try:
+            if row is None:
+                raise _Skip("bad_json")
+            problem = convert(row, f"{id_prefix}-{index:06d}")
+            if problem.id in seen:
+                raise _Skip("duplicate_id")
+        except _Skip as skip:
+            dropped[skip.reason] += 1
+            examples[skip.reason].append(index)
+            continue
+        seen.add(problem.id)
+        problems.append(problem)
+    for reason, count in sorted(dropped.items()):
+        log.warning("%s: dropped %d row(s): %s (row indices e.g. %s)", source, count, reason, examples[reason][:5])
+    report = LoadReport(source, len(rows), len(problems), dict(dropped))
+    return filter_levels(problems, report, levels), report
+
+
+def filter_levels(problems: list[Problem], report: LoadReport, levels: Iterable[int] | None) -> list[Problem]:
+    """Keep `levels` (None: all); the rest are counted as "level_filtered", a selection rather than a defect."""
+    if levels is None:
+        return problems
+    wanted = set(levels)
+    kept = [p for p in problems if p.level in wanted]
+    report.drop("level_filtered", len(problems) - len(kept))
+    return kept
+
+
+def load_math(
+    source: str, split: str = "train", levels: Iterable[int] | None = None,
+) -> tuple[list[Problem], LoadReport]:
+    """MATH from a local .jsonl/.parquet or a hub id (hendrycks_math: every subject config, concatenated)."""
+    configs: tuple[str | None, ...] = HENDRYCKS_CONFIGS if source == HENDRYCKS_MATH else (None,)
+    rows = _read_rows(source, split, configs)
+    return _collect(rows, source, _id_prefix(source, split), _math_problem, levels)
+
+
+def load_gsm8k(
+    source: str, split: str = "train", levels: Iterable[int] | None = None,
+) -> tuple[list[Problem], LoadReport]:
+    """GSM8K from a local .jsonl/.parquet or a hub id (config "main"); every problem is level 1, subject "gsm8k"."""
+    rows = _read_rows(source, split, (GSM8K_HUB_CONFIG,))
+    return _collect(rows, source, f"gsm8k-{_id_prefix(source, split)}", _gsm8k_problem, levels)

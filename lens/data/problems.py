@@ -1,0 +1,76 @@
+"""The `Problem` record every source is normalised to, its jsonl files, and the prompts rendered from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PLAIN_TEMPLATE = "Q: {problem}\nA: "
+INSTRUCTION = "Put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str
+    answer: str
+    level: int
+    subject: str
+
+
+@dataclass
+class LoadReport:
+    """What a loader read and why rows were left out; invariant: rows == kept + sum(dropped)."""
+
+    source: str
+    rows: int
+    kept: int
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
+        return f"{self.source}: {self.rows} rows, {self.kept} kept, dropped: {reasons}"
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        """Move `count` kept rows to `reason` (used by filters applied after loading)."""
+        if count:
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+            self.kept -= count
+
+
+def write_problems(path: str | os.PathLike[str], problems: Iterable[Problem]) -> None:
+    """Write jsonl atomically (temp file + os.replace), so a crash never leaves a half-written dataset."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for problem in problems:
+                f.write(json.dumps(asdict(problem), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_problems(path: str | os.PathLike[str]) -> list[Problem]:
+    with open(path, encoding="utf-8") as f:
+        return [Problem(**json.loads(line)) for line in f if line.strip()]
+
+
+def render_prompt(problem: Problem, tokenizer: Any = None, chat_template: bool = False) -> str:
+    """The plain `Q: ... A: ` prompt of the tiny model, or the tokenizer's chat template with INSTRUCTION."""
+    if not chat_template:
+        return PLAIN_TEMPLATE.format(problem=problem.problem)
+    if tokenizer is None:
+        raise ValueError("chat_template=True needs a tokenizer")
+    messages = [{"role": "user", "content": problem.problem + "\n" + INSTRUCTION}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,86 @@
+"""The built-in data sources: synthetic, math, gsm8k, and mixture (synthetic + GSM8K + MATH).
+
+MATH and GSM8K come from the data.*_path keys: a hub id (the defaults) or a local .jsonl/.parquet file.
+A dataset that cannot be read fails naming the key to change, because offline (HF_HUB_OFFLINE=1) a hub id
+works only when the dataset is already in the local cache, and a bare `datasets` error does not say so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from lens.data.loaders import LOCAL_SUFFIXES, is_local, load_gsm8k, load_math
+from lens.data.problems import LoadReport, Problem
+from lens.data.registry import SourcePart, register_source
+from lens.data.synthetic import synthetic_problems
+
+if TYPE_CHECKING:
+    from lens.params import Params
+
+HUB_SPLIT = {"train": "train", "eval": "test"}  # hub datasets name the evaluation split "test"
+
+DatasetLoader = Callable[[str, str, Iterable[int]], tuple[list[Problem], LoadReport]]
+
+
+class DataUnavailableError(FileNotFoundError):
+    """A data.*_path names a dataset that cannot be read; the message names the key and how to fix it."""
+
+
+def _locate(params: Params, path: str) -> str:
+    """Local paths resolve against the project root; a hub id with no such local file passes unchanged."""
+    resolved = params.resolve_path(path)
+    return os.path.normpath(resolved) if resolved.exists() or path.endswith(LOCAL_SUFFIXES) else path
+
+
+def _unavailable(key: str, source: str, exc: Exception) -> DataUnavailableError:
+    fix = (f"set {key}=<a local .jsonl or .parquet file> (a relative path is relative to the project root) "
+           "or to a hub dataset id")
+    if not is_local(source):
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            fix += "; HF_HUB_OFFLINE is set, so a hub dataset must already be in the local cache"
+    return DataUnavailableError(f"{key}: cannot load {source!r} ({type(exc).__name__}: {exc}); {fix}")
+
+
+def _dataset_part(params: Params, split: str, dataset: str, load: DatasetLoader) -> SourcePart:
+    """`dataset` ("math", "gsm8k") of the split from data.<dataset>_<split>_path, filtered to data.levels."""
+    key = f"{dataset}_{split}_path"
+    source = _locate(params, getattr(params.data, key))
+    try:
+        return SourcePart(*load(source, HUB_SPLIT[split], params.data.levels))
+    except (OSError, ValueError) as exc:  # missing file or hub dataset, offline, unsupported file type
+        raise _unavailable(f"data.{key}", source, exc) from exc
+
+
+def _synthetic_part(params: Params, split: str, levels: Iterable[int]) -> SourcePart:
+    syn = params.data.synthetic
+    levels = list(levels)
+    problems = synthetic_problems(split, syn.train_per_level if split == "train" else syn.eval_per_level,
+                                  syn.seed, levels)
+    source = f"synthetic(split={split}, levels={levels}, seed={syn.seed})"
+    return SourcePart(problems, LoadReport(source, len(problems), len(problems), {}))
+
+
+@register_source("synthetic")
+def synthetic_source(params: Params, split: str) -> list[SourcePart]:
+    return [_synthetic_part(params, split, params.data.levels)]
+
+
+@register_source("math")
+def math_source(params: Params, split: str) -> list[SourcePart]:
+    return [_dataset_part(params, split, "math", load_math)]
+
+
+@register_source("gsm8k")
+def gsm8k_source(params: Params, split: str) -> list[SourcePart]:
+    return [_dataset_part(params, split, "gsm8k", load_gsm8k)]
+
+
+@register_source("mixture")
+def mixture_source(params: Params, split: str) -> list[SourcePart]:
+    """Synthetic at data.mixture_synthetic_levels, then GSM8K and MATH at data.levels."""
+    return [_synthetic_part(params, split, params.data.mixture_synthetic_levels),
+            *gsm8k_source(params, split), *math_source(params, split)]
