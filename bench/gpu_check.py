@@ -157,7 +157,7 @@ def run_config(engine: str, args, work: dict, workdir: Path, n_params: int, devi
             trainer.verifier.close()
             trainer.verifier = ExactMatchVerifier()
         setup_s = time.perf_counter() - t0
-        # train_step, not train(): no checkpoint writes inside the timing.
+        # Trainer.train_step, not lens.loop.TrainingRun: no checkpoint writes or round manifests inside the timing.
         warm = [trainer.train_step() for _ in range(work["warmup_steps"])]
         timed = [trainer.train_step() for _ in range(work["steps"])]
     finally:

@@ -32,16 +32,21 @@ def run_name(algo: str, lr: float, seed: int) -> str:
     return f"{algo}-lr{lr:g}-seed{seed}"
 
 
-def run_params(out: Path, source_root: Path, algo: str, lr: float, seed: int, steps: int, extra: list[str]):
-    """The tiny profile, starting from `source_root`'s warm start, writing under <out>/runs/<name>."""
+def run_params(out: Path, source_root: Path, algo: str, lr: float, seed: int, steps: int, eval_every: int,
+               extra: list[str]):
+    """The tiny profile, starting from `source_root`'s warm start, writing under <out>/runs/<name>.
+
+    --steps and --eval-every come after the extra overrides: the loop stops (and saves <algo>/final) at
+    train.steps, and a round of it is one eval segment, whose checkpoint ends where an eval starts.
+    """
     from lens.params import load_params
 
     root = out / "runs" / run_name(algo, lr, seed)
     params = load_params("tiny", [
         f"run.output_root={root}", f"run.seed={seed}", f"train.algo={algo}", f"train.lr={lr}",
-        f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.keep_checkpoints=1",
+        f"train.checkpoint_every={steps}", "train.keep_checkpoints=1",
         "model.source=hub", f"model.name_or_path={source_root / 'tiny' / 'warm_start' / 'model'}",
-        "tracking.enabled=false", *extra])
+        "tracking.enabled=false", *extra, f"train.steps={steps}", f"train.steps_per_round={eval_every}"])
     data = params.data_dir
     if not data.exists():  # the prepared data of the source run, shared by every run of the sweep
         data.parent.mkdir(parents=True, exist_ok=True)
@@ -64,28 +69,28 @@ def one_run(out: Path, source_root: Path, algo: str, lr: float, seed: int, steps
 
     torch.set_num_threads(threads)
     from lens.data import read_problems
-    from lens.train import Trainer
+    from lens.loop import Runner, TrainingRun
+    from lens.records import RunFiles, read_metrics
 
-    params = run_params(out, source_root, algo, lr, seed, steps, extra)
+    params = run_params(out, source_root, algo, lr, seed, steps, eval_every, extra)
+    files = RunFiles(params.algo_dir())
     problems = read_problems(params.data_dir / "eval.jsonl")
     t0 = time.perf_counter()
     evals = {0: evaluate(params, Path(params.model.name_or_path), problems)}
-    trainer = Trainer(params)
-    curve = []
+    run = TrainingRun(params, runner=Runner(progress=False))
     try:
-        while trainer.state.step < steps:
-            trainer.train(max_steps=min(eval_every, steps - trainer.state.step), progress=False)
-            name = "final" if trainer.state.step >= steps else "snapshot"
-            snapshot = trainer.save_final(params.algo_dir() / name)
-            evals[trainer.state.step] = evaluate(params, snapshot, problems)
-            print(f"{run_name(algo, lr, seed)} step {trainer.state.step}: eval acc {evals[trainer.state.step]['acc']:.3f} "
-                  f"levels {evals[trainer.state.step]['levels']}", flush=True)
-        rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines() if line]
-        curve = [{k: r[k] for k in ("step", "train/acc", "train/frac_groups_all_wrong",
-                                     "train/frac_samples_with_signal", "train/loss", "train/entropy",
-                                     "perf/step_s") if k in r} for r in rows]
+        while run.trainer.state.step < steps:
+            summary = run.run(max_steps=eval_every)  # at train.steps it saves <algo>/final itself
+            policy = Path(summary["final_model"]) if summary["done"] else run.trainer.save_final(files.dir / "snapshot")
+            step = run.trainer.state.step
+            evals[step] = evaluate(params, policy, problems)
+            print(f"{run_name(algo, lr, seed)} step {step}: eval acc {evals[step]['acc']:.3f} "
+                  f"levels {evals[step]['levels']}", flush=True)
     finally:
-        trainer.close()
+        run.close()
+    curve = [{k: r[k] for k in ("step", "train/acc", "train/frac_groups_all_wrong",
+                                 "train/frac_samples_with_signal", "train/loss", "train/entropy",
+                                 "perf/step_s") if k in r} for r in read_metrics(files.metrics)]
     return {"algo": algo, "lr": lr, "seed": seed, "steps": steps, "seconds": time.perf_counter() - t0,
             "evals": {str(k): v for k, v in evals.items()}, "curve": curve}
 
@@ -163,8 +168,10 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lens import estimators
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--algos", nargs="+", default=["grpo", "lens"], choices=["grpo", "lens"])
+    ap.add_argument("--algos", nargs="+", default=["grpo", "lens"], choices=estimators.names())
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-4])  # the tiny profile's
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=200)

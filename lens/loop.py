@@ -76,8 +76,9 @@ def plan_rounds(done: int, target: int, steps: int, steps_per_round: int) -> lis
     plan = []
     for index, end in enumerate(ends, start=1):
         first = ends[index - 2] + 1 if index > 1 else 1
-        if end > done and first <= target:
-            plan.append((index, max(first, done + 1), min(end, target)))
+        lo, hi = max(first, done + 1), min(end, target)
+        if lo <= hi:
+            plan.append((index, lo, hi))
     return plan
 
 

@@ -90,7 +90,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, **dumps_kwargs: An
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `path`; on success it replaces `path` in one rename."""
+    """Yield a fresh temporary directory beside `path`; on success it takes `path`'s place."""
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,8 +100,13 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(path, ignore_errors=True)
+    # Old aside, new in, old removed: a kill at any point leaves a complete directory under one of the names.
+    old = path.parent / f".old-{path.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- metrics.jsonl ------------------------------------------------------------------------------
