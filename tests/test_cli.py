@@ -45,7 +45,8 @@ def test_the_seven_commands_run_in_sequence_and_log_to_mlflow(tmp_path):
                  "compare/accuracy_by_level.png", "compare/learning_curves.png"]:
         assert (root / path).exists(), path
     cmp = json.loads((root / "compare" / "compare.json").read_text())
-    assert set(cmp["levels"]) == {"1", "2", "3", "4", "5"}
+    assert cmp["baseline"] == "grpo" and cmp["arms"] == ["grpo", "lens"]
+    assert set(cmp["pairs"]["lens"]["levels"]) == set(cmp["accuracy"]["levels"]) == {"1", "2", "3", "4", "5"}
 
     import mlflow
 
