@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-import lens.rollout.vllm  # sets VLLM_ENABLE_V1_MULTIPROCESSING before vllm is imported
+import lens.rollout.vllm  # noqa: F401  (sets VLLM_ENABLE_V1_MULTIPROCESSING before vllm is imported)
 from lens import stages
 from lens.loss import token_logprobs_and_entropy
 from lens.models import load_model, load_policy

@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
