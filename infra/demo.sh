@@ -49,7 +49,7 @@ def get(url, data=None):
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
-try:  # the MLflow parent run of this flow run (tagged with its id by lens.tracking)
+try:  # the MLflow parent run of this flow run (tagged with its id: flows/runner.py PrefectRunner.run_tags)
     exp = get(f"{mlflow_ui}/api/2.0/mlflow/experiments/get-by-name?"
               + urllib.parse.urlencode({"experiment_name": "lens-tiny"}))["experiment"]
     runs = get(f"{mlflow_ui}/api/2.0/mlflow/runs/search",

@@ -28,6 +28,8 @@ STAGE_ENTRIES = {
     "compare": ["lens.compare", "lens.compare_report"],
 }
 EVERY_STAGE = ["lens/stages.py", "lens/params.py"]
+# What every stage that runs the policy reads (train and evaluate).
+POLICY_PARAMS = ["profile", "profiles.${profile}", "run.seed", "model", "rollout", "verify"]
 
 
 def _module_path(name: str, root: Path) -> Path | None:
@@ -143,13 +145,7 @@ stages:
       cmd: ${{lens}} train --algo ${{key}}
       deps:
 {_list(deps['train'] + [root + '/data/train.jsonl', root + '/warm_start'], 8)}      params:
-        - profile
-        - profiles.${{profile}}
-        - run.seed
-        - model
-        - rollout
-        - verify
-{_list(['train.' + k for k in shared_train] + ['${item.algo_params}'], 8)}      outs:
+{_list(POLICY_PARAMS + ['train.' + k for k in shared_train] + ['${item.algo_params}'], 8)}      outs:
         - {root}/${{key}}/final
         - {root}/${{key}}/metrics.jsonl
         - {root}/${{key}}/train_summary.json
@@ -160,14 +156,7 @@ stages:
       cmd: ${{lens}} evaluate --algo ${{item}}
       deps:
 {_list(deps['evaluate'] + [root + '/data/eval.jsonl', root + '/${item}/final'], 8)}      params:
-        - profile
-        - profiles.${{profile}}
-        - run.seed
-        - model
-        - rollout
-        - verify
-        - eval
-      metrics:
+{_list(POLICY_PARAMS + ['eval'], 8)}      metrics:
         - {root}/${{item}}/eval.json
 
   compare:
