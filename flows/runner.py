@@ -134,16 +134,11 @@ class PrefectRunner(Runner):
     def published(self, kind, params, payload, arm=None):
         key = _key(params.profile)
         if kind == "evaluation":
-            from lens.evaluate import evaluation_markdown
-
-            create_markdown_artifact(markdown=evaluation_markdown(payload, arm, params.profile),
-                                     key=f"{key}-{_key(arm)}-eval",
+            create_markdown_artifact(markdown=payload["markdown"], key=f"{key}-{_key(arm)}-eval",
                                      description=f"{arm} per-level accuracy and pass@k ({params.profile})")
         elif kind == "comparison":
-            from lens.compare_report import comparison_markdown, comparison_table
-
-            arms = " vs ".join(payload["arms"])
-            create_markdown_artifact(markdown=comparison_markdown(payload), key=f"{key}-compare",
+            arms = " vs ".join(payload["comparison"]["arms"])
+            create_markdown_artifact(markdown=payload["markdown"], key=f"{key}-compare",
                                      description=f"{arms} per level ({params.profile})")
-            create_table_artifact(table=comparison_table(payload), key=f"{key}-compare-levels",
+            create_table_artifact(table=payload["table"], key=f"{key}-compare-levels",
                                   description=f"{arms}: accuracy per level with paired-bootstrap CIs ({params.profile})")

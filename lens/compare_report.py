@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lens.records import atomic_write_json, atomic_write_text
+from lens.records import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 DEFAULT_CURVE_KEYS = ("train/reward_mean", "train/acc", "train/frac_groups_all_wrong",
                       "train/frac_samples_with_signal")
@@ -328,12 +328,9 @@ def _new_figure(width: float, height: float):
 
 
 def _save(fig, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_levels(cmp: dict[str, Any], path: str | os.PathLike[str]) -> Path:

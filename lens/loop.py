@@ -62,7 +62,8 @@ class Runner:
         return {}
 
     def published(self, kind: str, params, payload: dict, arm: str | None = None) -> None:
-        """A result the pipeline produced ("evaluation", "comparison"): flows publish it as artifacts."""
+        """A result the pipeline produced, with its renderings: kind "evaluation" ({"summary", "markdown"})
+        or "comparison" ({"comparison", "markdown", "table"}); flows publish them as artifacts."""
 
 
 def round_ends(steps: int, steps_per_round: int) -> list[int]:

@@ -137,11 +137,13 @@ def evaluate_arm(params: Params, tracker: Tracker, runner: Runner, **where: Any)
 
 
 def publish_evaluation(params: Params, tracker: Tracker, runner: Runner, summary: dict) -> None:
-    from lens.evaluate import eval_metrics
+    from lens.evaluate import eval_metrics, evaluation_markdown
 
+    arm = params.train.algo
     tracker.log_metrics(eval_metrics(summary), step=params.train.steps)
     tracker.log_dict(summary, "eval/eval.json")
-    runner.published("evaluation", params, summary, arm=params.train.algo)
+    runner.published("evaluation", params, {"summary": summary, "markdown": evaluation_markdown(
+        summary, arm, params.profile)}, arm=arm)
 
 
 def publish_policy(params: Params, tracker: Tracker, runner: Runner) -> str | None:
@@ -175,7 +177,7 @@ def run_arm(params: Params, tracker: Tracker, runner: Runner, dataset: dict) -> 
 
 def run_comparison(params: Params, tracker: Tracker, runner: Runner) -> dict:
     """`stages.compare` of compare.arms, recorded on the tracker's (parent) run and published."""
-    from lens.compare_report import comparison_metrics
+    from lens.compare_report import comparison_markdown, comparison_metrics, comparison_table
 
     cmp = runner.phase("compare", lambda: stages.compare(params), arm=None)
     tracker.log_metrics(comparison_metrics(cmp), run_id=tracker.run_id)
@@ -190,7 +192,8 @@ def run_comparison(params: Params, tracker: Tracker, runner: Runner) -> dict:
 
         tracker.log_artifact(sample, "rollouts", run_id=tracker.run_id)
         tracker.log_table(pd.read_parquet(sample), "rollouts/sample.json", run_id=tracker.run_id)
-    runner.published("comparison", params, cmp)
+    runner.published("comparison", params, {"comparison": cmp, "markdown": comparison_markdown(cmp),
+                                            "table": comparison_table(cmp)})
     return cmp
 
 

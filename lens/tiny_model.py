@@ -6,9 +6,7 @@ tokenizer.json, generation_config.json) that `AutoModelForCausalLM` / `AutoToken
 
 from __future__ import annotations
 
-import shutil
 import string
-import tempfile
 from pathlib import Path
 
 import torch
@@ -98,24 +96,14 @@ def save_model(model, tokenizer, directory: str | Path) -> Path:
     Written into a sibling temp dir first and renamed, so a crash never leaves a half-written model
     where the next stage (or DVC) would pick it up.
     """
+    from lens.records import atomic_directory
+
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        if getattr(model.generation_config, "eos_token_id", None) is None:
-            model.generation_config = _generation_config(tokenizer)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.generation_config, "eos_token_id", None) is None:
+        model.generation_config = _generation_config(tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            directory.rename(old)
-        tmp.rename(directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

@@ -9,9 +9,7 @@ match of the \\boxed{} content (the real verifier is the evaluate stage's busine
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +20,7 @@ from transformers import get_scheduler
 
 from lens.data import PLAIN_TEMPLATE, last_boxed, synthetic_problems
 from lens.params import Params
+from lens.records import atomic_write_json
 from lens.tiny_model import build_char_tokenizer, build_tiny_model, save_model
 
 EVAL_PROBLEMS_PER_LEVEL = 32
@@ -183,8 +182,5 @@ def warm_start(params: Params, out_dir: str | Path | None = None, *,
         "accuracy_per_level": {str(level): acc for level, acc in accuracy.items()},
         "model_dir": str(model_dir),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".warm_start.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out_dir / "warm_start.json")
+    atomic_write_json(out_dir / "warm_start.json", report)
     return report

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 PLAIN_TEMPLATE = "Q: {problem}\nA: "
@@ -47,18 +45,10 @@ class LoadReport:
 
 
 def write_problems(path: str | os.PathLike[str], problems: Iterable[Problem]) -> None:
-    """Write jsonl atomically (temp file + os.replace), so a crash never leaves a half-written dataset."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for problem in problems:
-                f.write(json.dumps(asdict(problem), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write jsonl atomically, so a crash never leaves a half-written dataset."""
+    from lens.records import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in problems))
 
 
 def read_problems(path: str | os.PathLike[str]) -> list[Problem]:
