@@ -63,16 +63,15 @@ def train_plan(params) -> dict:
         "grad_accumulation_steps": -(-tp.mini_batch_size // tp.micro_batch_size),
         "steps": tp.steps, "total_updates": tp.steps * updates,
         "total_samples": tp.steps * samples, "max_rollout_tokens": tp.steps * samples * rp.max_new_tokens,
-        "estimator_params": _section(tp),
         "clip": [tp.clip_low, tp.clip_high], "kl_beta": tp.kl_beta, "lr": tp.lr,
         "outputs": str(params.algo_dir()),
-    }
+    } | _section(tp)
 
 
-def _section(train_params) -> dict | None:
-    """The params section of the estimator train.algo names (None when it has none)."""
+def _section(train_params) -> dict:
+    """{section: values} of the estimator train.algo names, e.g. {"lens": {"alpha": ...}} ({} if none)."""
     section = estimators.get(train_params.algo).section
-    return getattr(train_params, section).model_dump() if section else None
+    return {section: getattr(train_params, section).model_dump()} if section else {}
 
 
 def explain(params) -> str:
