@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a tiny model and workload instead of Qwen2.5-0.5B's")
     p.add_argument("--engines", default="dynamic,static", help="comma list of: dynamic, static")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+                   help="compute dtype (autocast over fp32 master weights); default: bfloat16 on CUDA, float32 on CPU")
     for key in ("prompts", "group", "max_new_tokens", "rollout_batch", "micro_batch", "warmup_steps", "steps"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
     p.add_argument("--max-seconds", type=float, default=420.0,
@@ -137,7 +137,8 @@ def run_config(engine: str, args, work: dict, workdir: Path, n_params: int, devi
 
     samples = work["prompts"] * work["group"]
     overrides = [
-        f"run.output_root={workdir}", "model.source=warm_start", f"model.dtype={args.dtype}",
+        f"run.output_root={workdir}", "model.source=warm_start", "model.dtype=float32",
+        f"model.compute_dtype={args.dtype}",
         "rollout.engine=hf", f"rollout.static_cache={str(ENGINES[engine]).lower()}",
         f"rollout.group_size={work['group']}", f"rollout.max_new_tokens={work['max_new_tokens']}",
         f"rollout.batch_size={work['rollout_batch']}",
@@ -252,7 +253,8 @@ def main(argv=None) -> int:
         params = load_params("tiny", [f"run.output_root={workdir}"])
         write_problems(params.data_dir / "train.jsonl", synthetic_problems("train", 200, 1234))
         t0 = time.perf_counter()
-        n_params = build_policy(preset, params.warm_start_dir / "model", getattr(torch, args.dtype), device)
+        # fp32 master weights (the trainer refuses half-precision masters); args.dtype is the compute dtype
+        n_params = build_policy(preset, params.warm_start_dir / "model", torch.float32, device)
         report["model"] |= {"parameters": n_params, "build_s": time.perf_counter() - t0}
         emit()
         for engine in engines:

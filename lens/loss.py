@@ -1,7 +1,9 @@
 """The clipped policy-gradient loss (GRPO's, unchanged by LENS).
 
 Per token: rho = exp(logp - logp_old); loss_t = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)),
-plus beta * k3 KL to a reference policy when beta > 0. Aggregation:
+plus beta * k3 KL to a reference policy when beta > 0. Options off by default (the paper uses neither):
+dual clip (verl's clip_ratio_c: for A < 0, loss_t <= c |A|) and per-token importance weights (the
+truncated weights that correct the rollout engine's log-probs towards the trainer's). Aggregation:
 - "seq-mean-token-mean" (the paper's): mean over tokens of each sequence, then mean over sequences;
 - "token-mean": mean over every token of the mini-batch (DAPO-style).
 
@@ -43,6 +45,8 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_beta: float = 0.0,
     normalizer: float | None = None,
+    dual_clip_c: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Shapes: logprobs/old_logprobs/mask [B, T], advantages [B] (one value per sequence)."""
     if kl_beta > 0 and ref_logprobs is None:
@@ -53,6 +57,10 @@ def policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     token_loss = torch.maximum(unclipped, clipped)
+    if dual_clip_c is not None:  # a very large ratio on a negative advantage cannot blow the loss up
+        token_loss = torch.where(adv < 0, torch.minimum(token_loss, -adv * dual_clip_c), token_loss)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights.detach().to(token_loss.dtype)
     pg_token_loss = token_loss
     if kl_beta > 0:
         token_loss = token_loss + kl_beta * k3_kl(logprobs, ref_logprobs)

@@ -51,13 +51,26 @@ class RolloutCounts:
     verify_timeouts: int = 0
     verify_errors: int = 0
     verify_parse_failures: int = 0
+    # engine vs trainer log-probs of the same tokens (when pi_old is recomputed): sums over tokens
+    logprob_abs_diff: float = 0.0
+    logprob_k3: float = 0.0                # k3 estimate of KL(engine || trainer), >= 0 per token
+    logprob_tokens: int = 0
 
     @classmethod
     def of(cls, scored) -> RolloutCounts:
         """Counts of a `lens.train.ScoredBatch`."""
         all_correct, all_wrong, mixed = group_masks(scored.correct)
         adv, rollouts, vs = scored.advantages, scored.batch.rollouts, scored.verify_stats
+        diff = k3 = 0.0
+        tokens = 0
+        if scored.old_logprobs is not None:
+            for r, trainer in zip(rollouts, scored.old_logprobs, strict=True):
+                log_ratio = trainer.double() - torch.tensor(r.logprobs, dtype=torch.float64)
+                diff += log_ratio.abs().sum().item()
+                k3 += (log_ratio.exp() - log_ratio - 1).sum().item()
+                tokens += log_ratio.numel()
         return cls(
+            logprob_abs_diff=diff, logprob_k3=k3, logprob_tokens=tokens,
             correct=scored.correct.sum().item(), samples=scored.correct.numel(), groups=scored.correct.shape[0],
             groups_all_correct=int(all_correct.sum()), groups_all_wrong=int(all_wrong.sum()),
             groups_mixed=int(mixed.sum()), samples_with_signal=int((adv != 0).sum()),
@@ -81,7 +94,8 @@ class RolloutCounts:
             "verify/timeouts": self.verify_timeouts, "verify/errors": self.verify_errors,
             "verify/parse_failures": self.verify_parse_failures,
             "perf/rollout_s": rollout_s, "perf/verify_s": verify_s,
-        }
+        } | ({"train/rollout_logprob_abs_diff": self.logprob_abs_diff / self.logprob_tokens,
+              "train/rollout_trainer_kl": self.logprob_k3 / self.logprob_tokens} if self.logprob_tokens else {})
 
 
 @dataclass

@@ -58,10 +58,13 @@ class RolloutBatch:
 class ScoredBatch:
     batch: RolloutBatch
     correct: torch.Tensor              # [P, G] verifier rewards in {0, 1}
-    mean_logprob: torch.Tensor         # [P, G] mean token log-prob under the rollout policy
+    mean_logprob: torch.Tensor         # [P, G] mean token log-prob under pi_old (LENS's log p-bar)
     advantages: torch.Tensor           # [P, G]
     verify_seconds: float
     verify_stats: dict = field(default_factory=dict)
+    # pi_old per token of each rollout when train.recompute_old_logprobs (the trainer's forward pass, once
+    # per rollout batch); None: the engine's log-probs are pi_old.
+    old_logprobs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -70,6 +73,17 @@ class TrainState:
     updates: int = 0                   # optimiser updates applied
     skipped_updates: int = 0           # updates skipped for a non-finite loss (cumulative)
     consecutive_nonfinite: int = 0
+
+
+def check_master_weights(params) -> None:
+    """Refuse to train weights AdamW would update in place in half precision (updates round away)."""
+    if params.model.dtype != "float32":
+        from lens.params import ParamsError
+
+        raise ParamsError(
+            f"model.dtype={params.model.dtype}: the trainer would update {params.model.dtype} weights in place, and "
+            f"AdamW steps below a weight's spacing round away at RL learning rates; train with fp32 master "
+            f"weights and {params.model.dtype} compute: model.dtype=float32 model.compute_dtype={params.model.dtype}")
 
 
 def _step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
@@ -81,7 +95,12 @@ class Trainer:
                  callbacks: list | None = None):
         self.params = params
         tp = params.train
+        check_master_weights(params)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        # bf16 compute over fp32 master weights: torch autocast around every forward (the optimizer and its
+        # state stay fp32). Not accelerate's mixed_precision: that is process-wide state, fixed at the first
+        # Accelerator; under FSDP2 its config's MixedPrecisionPolicy casts the gathered shards as well.
+        self.compute_dtype = getattr(torch, params.model.compute_dtype)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         # FSDP (version 2, `fully_shard`): each rank holds a shard of every parameter, so whole-model
         # operations (checkpoints, generation) are collectives that every rank joins (lens.checkpoint).
@@ -179,33 +198,59 @@ class Trainer:
         rewards = self.verifier.score_batch([r.text for r in batch.rollouts], golds)
         seconds = time.perf_counter() - t0
         correct = torch.tensor(rewards, dtype=torch.float32).view(-1, G)
-        mean_logprob = torch.tensor([r.mean_logprob for r in batch.rollouts], dtype=torch.float64).view(-1, G)
+        old = self.recompute_old_logprobs(batch.rollouts) if self.params.train.recompute_old_logprobs else None
+        per_rollout = [o.double().mean().item() if o.numel() else 0.0 for o in old] if old is not None else \
+            [r.mean_logprob for r in batch.rollouts]
+        mean_logprob = torch.tensor(per_rollout, dtype=torch.float64).view(-1, G)
         adv = compute_advantages(self.params.train, correct, mean_logprob)
-        return ScoredBatch(batch, correct, mean_logprob, adv, seconds, self.verifier.last_batch_stats.as_dict())
+        return ScoredBatch(batch, correct, mean_logprob, adv, seconds, self.verifier.last_batch_stats.as_dict(),
+                           old_logprobs=old)
+
+    @torch.no_grad()
+    def recompute_old_logprobs(self, rollouts: list[Rollout]) -> list[torch.Tensor]:
+        """pi_old of every completion token from the trainer's forward pass, before any update of this
+        batch, micro-batched as the update is (verl's compute_log_prob); on the CPU, one tensor per rollout."""
+        out = []
+        advantages = torch.zeros(len(rollouts))
+        for start in range(0, len(rollouts), self.params.train.micro_batch_size):
+            idx = list(range(start, min(start + self.params.train.micro_batch_size, len(rollouts))))
+            input_ids, attention, mask, *_ = self._collate(rollouts, advantages, idx)
+            logp, _ = self._logprobs(self.model, input_ids, attention)
+            for row, i in enumerate(idx):
+                begin = len(rollouts[i].prompt_ids) - 1
+                out.append(logp[row, begin:begin + len(rollouts[i].completion_ids)].float().cpu())
+        return out
 
     # ---- phase 3: policy update -----------------------------------------------------------------
-    def _collate(self, rollouts: list[Rollout], advantages: torch.Tensor, idx: list[int]):
-        """Right-padded prompt+completion tensors; targets are shifted by one (logits[t] predicts t+1)."""
+    def _collate(self, rollouts: list[Rollout], advantages: torch.Tensor, idx: list[int],
+                 old_logprobs: list[torch.Tensor] | None = None):
+        """Right-padded prompt+completion tensors; targets are shifted by one (logits[t] predicts t+1).
+        pi_old is `old_logprobs` (recomputed) when given, else the engine's; the engine's are returned too."""
         seqs = [rollouts[i].prompt_ids + rollouts[i].completion_ids for i in idx]
         width = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
         loss_mask = torch.zeros((len(idx), width - 1))
-        old_logprobs = torch.zeros((len(idx), width - 1))
+        engine_lp = torch.zeros((len(idx), width - 1))
+        old_lp = engine_lp if old_logprobs is None else torch.zeros((len(idx), width - 1))
         for row, (i, seq) in enumerate(zip(idx, seqs)):
             r = rollouts[i]
             input_ids[row, :len(seq)] = torch.tensor(seq)
             attention[row, :len(seq)] = 1
             start, end = len(r.prompt_ids) - 1, len(seq) - 1
             loss_mask[row, start:end] = 1
-            old_logprobs[row, start:end] = torch.tensor(r.logprobs)
+            engine_lp[row, start:end] = torch.tensor(r.logprobs)
+            if old_logprobs is not None:
+                old_lp[row, start:end] = old_logprobs[i]
         dev = self.accelerator.device
-        return (input_ids.to(dev), attention.to(dev), loss_mask.to(dev), old_logprobs.to(dev),
-                advantages[idx].to(dev))
+        return (input_ids.to(dev), attention.to(dev), loss_mask.to(dev), old_lp.to(dev),
+                advantages[idx].to(dev), engine_lp.to(dev))
 
     def _logprobs(self, model, input_ids, attention, with_entropy=False):
-        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        with torch.autocast(self.accelerator.device.type, dtype=self.compute_dtype,
+                            enabled=self.compute_dtype != torch.float32):
+            logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
         return token_logprobs_and_entropy(logits, input_ids[:, 1:], self.params.rollout.temperature, with_entropy)
 
     def update(self, scored: ScoredBatch) -> dict:
@@ -221,7 +266,8 @@ class Trainer:
         for _ in range(tp.ppo_epochs):
             order = torch.randperm(n_local, generator=gen).tolist()
             for mb_start in range(0, n_local, mini_local):
-                stats, mb_tokens = self._minibatch_update(rollouts, advantages, order[mb_start:mb_start + mini_local])
+                mb = order[mb_start:mb_start + mini_local]
+                stats, mb_tokens = self._minibatch_update(rollouts, advantages, mb, scored.old_logprobs)
                 tokens += mb_tokens
                 if stats is not None:
                     applied.append(stats)
@@ -231,10 +277,10 @@ class Trainer:
                               for k in ("loss", "clip_frac", "kl", "entropy", "grad_norm")}, tokens=tokens)
         return reduce_over_processes(mean, self.accelerator).metrics(seconds)
 
-    def _minibatch_update(self, rollouts, advantages, mb: list[int]):
+    def _minibatch_update(self, rollouts, advantages, mb: list[int], old_logprobs=None):
         tp = self.params.train
         micro = [mb[i:i + tp.micro_batch_size] for i in range(0, len(mb), tp.micro_batch_size)]
-        batches = [self._collate(rollouts, advantages, m) for m in micro]
+        batches = [self._collate(rollouts, advantages, m, old_logprobs) for m in micro]
         if tp.loss_agg == "seq-mean-token-mean":
             normalizer = float(len(mb))
         else:
@@ -245,19 +291,19 @@ class Trainer:
             normalizer = self.accelerator.reduce(local_tokens, reduction="sum").item() / self.world
         acc = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0)
         nonfinite, tokens = False, 0
-        for i, (input_ids, attention, mask, old_lp, adv) in enumerate(batches):
+        for i, (input_ids, attention, mask, old_lp, adv, engine_lp) in enumerate(batches):
             last = i == len(batches) - 1
             # DDP all-reduces on the last backward only; every rank runs every backward, so no rank hangs.
             with (nullcontext() if last else self.accelerator.no_sync(self.model)):
-                if tp.recompute_old_logprobs:
-                    with torch.no_grad():
-                        old_lp, _ = self._logprobs(self.model, input_ids, attention)
                 ref_lp = None
                 if self.ref_model is not None:
                     with torch.no_grad():
                         ref_lp, _ = self._logprobs(self.ref_model, input_ids, attention)
                 logp, entropy = self._logprobs(self.model, input_ids, attention, with_entropy=True)
-                out = self.compute_loss(logp, old_lp, adv, mask, ref_lp, normalizer)
+                weights = None
+                if tp.rollout_correction == "tis":  # truncated importance weights pi_old / pi_engine
+                    weights = torch.exp(old_lp - engine_lp).clamp(max=tp.tis_cap) * mask
+                out = self.compute_loss(logp, old_lp, adv, mask, ref_lp, normalizer, is_weights=weights)
                 loss = out.loss
                 if not torch.isfinite(loss):
                     nonfinite = True
@@ -294,10 +340,11 @@ class Trainer:
         self.state.consecutive_nonfinite = 0
         return UpdateStats(**acc, grad_norm=float(grad_norm)), tokens
 
-    def compute_loss(self, logp, old_lp, adv, mask, ref_lp, normalizer):
+    def compute_loss(self, logp, old_lp, adv, mask, ref_lp, normalizer, is_weights=None):
         """The clipped loss with this run's settings (a seam for tests that inject a NaN)."""
         tp = self.params.train
         return policy_loss(logp, old_lp, adv, mask, clip_low=tp.clip_low, clip_high=tp.clip_high,
+                           dual_clip_c=tp.dual_clip_c, is_weights=is_weights,
                            loss_agg=tp.loss_agg, ref_logprobs=ref_lp, kl_beta=tp.kl_beta, normalizer=normalizer)
 
     # ---- one step -------------------------------------------------------------------------------

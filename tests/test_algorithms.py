@@ -189,3 +189,18 @@ def test_property_more_confident_wrong_answers_get_more_negative_advantage(group
             if lp[0, i] > lp[0, j] + 1e-9:
                 assert adv[i] <= adv[j] + 1e-7
                 assert r_tilde[i] < r_tilde[j]
+
+
+def test_lens_scale_std_false_centres_mixed_groups_without_dividing():
+    correct = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    lp = torch.log(torch.tensor([[0.5, 0.4, 0.2, 0.1], [0.9, 0.8, 0.6, 0.7]], dtype=torch.float64))
+    r_tilde = calibrated_rewards(correct, lp)
+    centred = (r_tilde - r_tilde.mean(dim=1, keepdim=True)).to(torch.float32)
+    adv = lens_advantages(correct, lp, scale_std=False)
+    assert torch.allclose(adv[0], centred[0], atol=1e-7)                      # mixed: centring only
+    assert torch.allclose(adv[1], 0.25 * centred[1], atol=1e-7)               # negative: unchanged
+    assert not torch.allclose(lens_advantages(correct, lp)[0], adv[0])         # the default divides
+    fallback = lens_advantages(correct, lp, mixed_groups=False, scale_std=False)[0]
+    assert torch.allclose(fallback, grpo_advantages(correct, scale_std=False)[0])
+    via_params = compute_advantages(TrainParams(algo="lens", lens={"scale_std": False}), correct, lp)
+    assert torch.equal(via_params, adv)

@@ -82,3 +82,25 @@ def test_token_logprobs_apply_temperature_and_entropy_is_correct():
     p = torch.softmax(logits / 2.0, dim=-1)
     assert lp.item() == pytest.approx(torch.log(p[0, 0, 0]).item())
     assert ent.item() == pytest.approx(-(p * p.log()).sum().item())
+
+
+def test_dual_clip_bounds_the_loss_of_negative_advantages_only():
+    old = torch.zeros(2, 1)
+    logp = torch.tensor([[3.0], [3.0]], requires_grad=True)  # ratio e^3 ~ 20: far outside the trust region
+    adv = torch.tensor([-1.0, 1.0])
+    plain = policy_loss(logp, old, adv, torch.ones(2, 1), loss_agg="token-mean", normalizer=1.0)
+    dual = policy_loss(logp, old, adv, torch.ones(2, 1), loss_agg="token-mean", normalizer=1.0, dual_clip_c=3.0)
+    # A = -1: max(20.1, 1.2) = 20.1 without it, min(20.1, 3) = 3 with it; A = +1: -1.2 either way.
+    assert plain.loss.item() == pytest.approx(torch.exp(torch.tensor(3.0)).item() - 1.2, rel=1e-5)
+    assert dual.loss.item() == pytest.approx(3.0 - 1.2, rel=1e-5)
+    dual.loss.backward()
+    assert logp.grad[0, 0].item() == 0.0  # the bounded branch is a constant
+
+
+def test_importance_weights_scale_each_tokens_loss_without_a_gradient_of_their_own():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    weights = torch.tensor([[2.0, 0.5]], requires_grad=True)
+    out = policy_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), is_weights=weights)
+    out.loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1.0, -0.25]]))  # -A * w / T per token
+    assert weights.grad is None

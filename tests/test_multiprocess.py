@@ -299,7 +299,8 @@ def test_paper_dry_run_prints_the_batch_arithmetic_and_loads_nothing(tmp_path):
     assert plan["samples_per_step"] == 128 * 16
     assert plan["samples_per_update"] == 512
     assert plan["updates_per_rollout_batch"] == 4
-    assert plan["model"] == "Qwen/Qwen2.5-3B" and plan["dtype"] == "bfloat16" and plan["gradient_checkpointing"]
+    assert plan["model"] == "Qwen/Qwen2.5-3B" and plan["gradient_checkpointing"]
+    assert (plan["dtype"], plan["compute_dtype"]) == ("float32", "bfloat16")  # fp32 masters, bf16 compute
     assert plan["rollout_engine"] == "vllm" and plan["lens"]["alpha"] == 0.25
     assert not (tmp_path / "hf").exists() and not (tmp_path / "runs").exists()  # downloaded and wrote nothing
 

@@ -152,7 +152,7 @@ def test_an_update_moves_the_policy_towards_positive_advantages(tmp_path):
         rollouts, adv = scored.batch.rollouts, scored.advantages.flatten()
 
         def objective():
-            ids, att, mask, _, a = trainer._collate(rollouts, adv, list(range(len(rollouts))))
+            ids, att, mask, _, a, _ = trainer._collate(rollouts, adv, list(range(len(rollouts))))
             with torch.no_grad():
                 lp, _ = trainer._logprobs(trainer.model, ids, att)
             return (a * (lp * mask).sum(1) / mask.sum(1)).sum().item()

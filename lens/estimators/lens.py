@@ -46,10 +46,12 @@ def lens_advantages(
     mixed_groups: bool = True,
     negative_groups: bool = True,
     eps: float = 1e-6,
+    scale_std: bool = True,
 ) -> torch.Tensor:
     """LENS advantages, exactly LENS.md "What is actually run" step 4.
 
-    - mixed group: GRPO normalisation of r~: (r~ - mean) / (std + eps)  [mixed_groups=False: plain GRPO]
+    - mixed group: GRPO normalisation of r~: (r~ - mean) / (std + eps)  [mixed_groups=False: plain GRPO;
+      scale_std=False: centring only, in both (a Dr.GRPO-style LENS)]
     - negative group: alpha * (r~ - mean), centring only, alpha folded in  [negative_groups=False: zero]
     - all-correct group: zero.
     `mean_logprob[g, i]` is response i's mean token log-prob under the rollout (old) policy.
@@ -59,8 +61,8 @@ def lens_advantages(
     r_tilde = calibrated_rewards(correct, mean_logprob)
 
     centred = r_tilde - r_tilde.mean(dim=1, keepdim=True)
-    lens_mixed = centred / (r_tilde.std(dim=1, keepdim=True) + eps)
-    mixed_adv = lens_mixed if mixed_groups else grpo_advantages(r, eps=eps).to(torch.float64)
+    lens_mixed = centred / (r_tilde.std(dim=1, keepdim=True) + eps) if scale_std else centred
+    mixed_adv = lens_mixed if mixed_groups else grpo_advantages(r, scale_std=scale_std, eps=eps).to(torch.float64)
     negative_adv = alpha * centred if negative_groups else torch.zeros_like(centred)
 
     adv = torch.zeros_like(r)
@@ -73,4 +75,4 @@ def lens_advantages(
 @register("lens", section="lens", summary="LENS: confidence-weighted penalties make all-wrong groups carry signal")
 def lens(correct: torch.Tensor, mean_logprob: torch.Tensor, section, eps: float) -> torch.Tensor:
     return lens_advantages(correct, mean_logprob, alpha=section.alpha, mixed_groups=section.mixed_groups,
-                           negative_groups=section.negative_groups, eps=eps)
+                           negative_groups=section.negative_groups, eps=eps, scale_std=section.scale_std)

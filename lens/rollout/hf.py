@@ -47,8 +47,9 @@ class HFEngine:
     """transformers `generate`, sharing the trainer's model object (no weight copy, so sync is free)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 256, static_cache: bool = False,
-                 synced_gpus: bool = False):
+                 synced_gpus: bool = False, compute_dtype: str = "float32"):
         self.model = model
+        self.compute_dtype = getattr(torch, compute_dtype)
         self.synced_gpus = synced_gpus
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -61,7 +62,7 @@ class HFEngine:
     def from_params(cls, params, model, tokenizer, synced_gpus: bool = False) -> HFEngine:
         """`synced_gpus`: the model is FSDP-sharded, so every rank runs every decode step (see Trainer)."""
         return cls(model, tokenizer, batch_size=params.rollout.batch_size, static_cache=params.rollout.static_cache,
-                   synced_gpus=synced_gpus)
+                   synced_gpus=synced_gpus, compute_dtype=params.model.compute_dtype)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -79,10 +80,13 @@ class HFEngine:
         # Batches hold whole groups so each prompt is encoded once and expanded n times by generate.
         prompts_per_batch = max(1, self.batch_size // n)
         out: list[Rollout] = []
+        device_type = next(model.parameters()).device.type
+        autocast = torch.autocast(device_type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
         try:
-            for start in range(0, len(prompts), prompts_per_batch):
-                chunk = prompts[start:start + prompts_per_batch]
-                out.extend(self._generate_chunk(chunk, start, n, sampling))
+            with autocast:  # model.compute_dtype: the engine samples at the precision the trainer computes in
+                for start in range(0, len(prompts), prompts_per_batch):
+                    chunk = prompts[start:start + prompts_per_batch]
+                    out.extend(self._generate_chunk(chunk, start, n, sampling))
         finally:
             model.train(was_training)
         return out

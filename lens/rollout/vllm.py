@@ -129,7 +129,7 @@ class VLLMEngine:
                                       "needs the full weights; use rollout.engine=hf under FSDP")
         vp = params.rollout.vllm
         return cls(
-            model, tokenizer, dtype=params.model.dtype, seed=params.run.seed,
+            model, tokenizer, dtype=params.model.compute_dtype, seed=params.run.seed,
             gpu_memory_utilization=vp.gpu_memory_utilization, enforce_eager=vp.enforce_eager,
             max_model_len=getattr(vp, "max_model_len", None), max_num_seqs=params.rollout.batch_size,
             sleep_between_steps=vp.sleep_between_steps,
