@@ -38,6 +38,9 @@ def check_fsdp_support(params, fsdp: bool, fsdp2: bool) -> None:
     if params.train.kl_beta > 0:
         raise ValueError("train.kl_beta > 0 is not supported under FSDP: the frozen reference policy would be "
                          "a full, unsharded copy on every GPU (the paper's setting is kl_beta=0)")
+    if params.eval.every_steps:
+        raise ValueError("eval.every_steps is not supported under FSDP: the evaluation runs on one rank, and "
+                         "every forward pass of a sharded model is a collective; evaluate checkpoints instead")
     if params.rollout.engine != "hf":
         raise ValueError(f"rollout.engine={params.rollout.engine} is not supported under FSDP: the engine would "
                          "need the full weights gathered on each rank that hosts it; use rollout.engine=hf or "

@@ -18,7 +18,9 @@ Summary layout (``summarize``)::
                  "pass@k": {"1": v, ...}, "pass@k_ci": {"1": [lo, hi], ...},
                  "greedy_acc", "greedy_acc_ci"   (only when greedy results exist)},
      "levels": {"1": {same fields}, ...},          (levels present, ascending)
-     "metrics": {"eval/acc", "eval/acc_level_{L}", "eval/pass_at_{k}", "eval/greedy_acc"},  (flat floats)
+     "scopes": {"levels_4_5": {same fields}},      (the paper's hard subset, when levels 4 and 5 are present)
+     "metrics": {"eval/acc", "eval/acc_level_{L}", "eval/acc_levels_4_5", "eval/pass_at_{k}",
+                 "eval/pass_at_{k}_levels_4_5", "eval/greedy_acc"},  (flat floats)
      "config": {"ks", "bootstrap_samples", "confidence", "seed"},
      "problems": [ProblemResult.to_dict(), ...]}
 
@@ -213,17 +215,26 @@ def summarize(results: Sequence[ProblemResult], ks: Iterable[int] = (1, 2, 4, 8,
         levels[str(level)] = _scope_summary(subset, ks_list, bootstrap_samples, confidence,
                                             _scope_rng(seed, level))
 
+    scopes: dict[str, Any] = {}
+    hard = [r for r in results if r.level in (4, 5)]
+    if {r.level for r in hard} == {4, 5}:  # the paper's Level 4-5 subset of MATH-500; its own RNG stream
+        scopes["levels_4_5"] = _scope_summary(hard, ks_list, bootstrap_samples, confidence, _scope_rng(seed, 45))
+
     metrics: dict[str, float] = {"eval/acc": overall["acc"]}
     for level, block in levels.items():
         metrics[f"eval/acc_level_{level}"] = block["acc"]
     for k, v in overall["pass@k"].items():
         metrics[f"eval/pass_at_{k}"] = v
+    for name, block in scopes.items():
+        metrics[f"eval/acc_{name}"] = block["acc"]
+        metrics |= {f"eval/pass_at_{k}_{name}": v for k, v in block["pass@k"].items()}
     if "greedy_acc" in overall:
         metrics["eval/greedy_acc"] = overall["greedy_acc"]
 
     return {
         "overall": overall,
         "levels": levels,
+        "scopes": scopes,
         "metrics": metrics,
         "config": {"ks": ks_list, "bootstrap_samples": int(bootstrap_samples),
                    "confidence": float(confidence), "seed": int(seed)},
@@ -251,48 +262,55 @@ def read_eval(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def evaluate_policy(params, model_path: str | Path, problems, engine=None) -> dict[str, Any]:
+    """Load the policy at `model_path` and evaluate it (`evaluate_engine`) with the profile's engine."""
+    from lens.models import load_policy
+    from lens.rollout import make_engine
+
+    model, tokenizer = load_policy(params, model_path)
+    own_engine = engine is None
+    engine = engine or make_engine(params, model, tokenizer)
+    try:
+        return evaluate_engine(params, engine, tokenizer, problems)
+    finally:
+        if own_engine:
+            engine.close()
+
+
+def evaluate_engine(params, engine, tokenizer, problems) -> dict[str, Any]:
     """Sample `eval.samples_per_problem` completions per problem, verify them, and summarize per level.
 
-    Uses the rollout engine the profile names (the same code path as training rollouts), with the eval
-    section's temperature/top-p/max tokens and a fixed seed, so two policies see identical sampling
-    noise streams. With `eval.greedy` it also records greedy (T=0) correctness per problem.
+    Uses a rollout engine (the same code path as training rollouts; during training, the trainer's own)
+    with the eval section's temperature/top-p/max tokens and a fixed seed, so two policies see identical
+    sampling noise streams. With `eval.greedy` it also records greedy (T=0) correctness per problem.
     """
     import time
 
     from lens.data import render_prompt
-    from lens.models import load_policy
-    from lens.rollout import SamplingConfig, make_engine
+    from lens.rollout import SamplingConfig
     from lens.verify import Verifier
 
     ev = params.eval
-    model, tokenizer = load_policy(params, model_path)
-    own_engine = engine is None
-    engine = engine or make_engine(params, model, tokenizer)
     prompts = [render_prompt(p, tokenizer, params.model.chat_template) for p in problems]
     golds = [p.answer for p in problems]
     t0 = time.perf_counter()
-    try:
-        with Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers) as verifier:
-            n = ev.samples_per_problem
-            sampling = SamplingConfig(temperature=ev.temperature, top_p=ev.top_p,
-                                      max_new_tokens=ev.max_new_tokens, seed=params.run.seed)
-            rollouts = engine.generate(prompts, n, sampling)
-            rewards = verifier.score_batch([r.text for r in rollouts], [golds[r.prompt_index] for r in rollouts])
-            correct = [0] * len(problems)
-            for r, reward in zip(rollouts, rewards):
-                correct[r.prompt_index] += int(reward)
-            greedy = [None] * len(problems)
-            if ev.greedy:
-                greedy_rollouts = engine.generate(prompts, 1, SamplingConfig(
-                    max_new_tokens=ev.max_new_tokens, greedy=True))
-                greedy_rewards = verifier.score_batch([r.text for r in greedy_rollouts],
-                                                      [golds[r.prompt_index] for r in greedy_rollouts])
-                for r, reward in zip(greedy_rollouts, greedy_rewards):
-                    greedy[r.prompt_index] = int(reward)
-            verify_stats = verifier.stats.as_dict()
-    finally:
-        if own_engine:
-            engine.close()
+    with Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers) as verifier:
+        n = ev.samples_per_problem
+        sampling = SamplingConfig(temperature=ev.temperature, top_p=ev.top_p,
+                                  max_new_tokens=ev.max_new_tokens, seed=params.run.seed)
+        rollouts = engine.generate(prompts, n, sampling)
+        rewards = verifier.score_batch([r.text for r in rollouts], [golds[r.prompt_index] for r in rollouts])
+        correct = [0] * len(problems)
+        for r, reward in zip(rollouts, rewards):
+            correct[r.prompt_index] += int(reward)
+        greedy = [None] * len(problems)
+        if ev.greedy:
+            greedy_rollouts = engine.generate(prompts, 1, SamplingConfig(
+                max_new_tokens=ev.max_new_tokens, greedy=True))
+            greedy_rewards = verifier.score_batch([r.text for r in greedy_rollouts],
+                                                  [golds[r.prompt_index] for r in greedy_rollouts])
+            for r, reward in zip(greedy_rollouts, greedy_rewards):
+                greedy[r.prompt_index] = int(reward)
+        verify_stats = verifier.stats.as_dict()
     results = [ProblemResult(id=p.id, level=p.level, n=n, correct=c, greedy_correct=g)
                for p, c, g in zip(problems, correct, greedy)]
     summary = summarize(results, ks=ev.ks, bootstrap_samples=ev.bootstrap_samples,
@@ -309,6 +327,7 @@ def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
     (eval/acc_ci_low/_high, eval/acc_level_{L}_ci_low/_high)."""
     metrics = dict(summary.get("metrics", {}))
     scopes = [("", summary.get("overall"))] + [(f"_level_{lv}", b) for lv, b in (summary.get("levels") or {}).items()]
+    scopes += [(f"_{name}", b) for name, b in (summary.get("scopes") or {}).items()]
     for name, block in scopes:
         if block and "acc_ci" in block:
             metrics[f"eval/acc{name}_ci_low"], metrics[f"eval/acc{name}_ci_high"] = block["acc_ci"]
@@ -323,7 +342,8 @@ def evaluation_markdown(summary: dict[str, Any], arm: str, profile: str) -> str:
              f"{summary['overall']['samples_per_problem']} samples per problem; model `{summary.get('model', '')}`.",
              "", f"| level | problems | acc [{conf} CI] | " + " | ".join(f"pass@{k}" for k in ks) + " |",
              "|---|---:|---:|" + "---:|" * len(ks)]
-    for label, block in [*summary["levels"].items(), ("**all**", summary["overall"])]:
+    scopes = [(name.replace("levels_", "").replace("_", "-"), b) for name, b in summary.get("scopes", {}).items()]
+    for label, block in [*summary["levels"].items(), *scopes, ("**all**", summary["overall"])]:
         lo, hi = block["acc_ci"]
         passk = " | ".join(f"{block.get('pass@k', {}).get(k, float('nan')):.3f}" for k in ks)
         lines.append(f"| {label} | {block['n_problems']} | {block['acc']:.3f} [{lo:.3f}, {hi:.3f}] | {passk} |")

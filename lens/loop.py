@@ -124,6 +124,8 @@ class TrainingRun:
                     self.runner.step_done(self.arm, t.state.step, self.params.train.steps, self.last_metrics)
                 if step % every == 0 and step < last:
                     self._checkpoint(step)
+                if self._evaluate_at(step):
+                    self.runner.phase("evaluate_policy", t.evaluate_now, arm=self.arm, step=step)
             checkpoint = self._checkpoint(last)
             by_level = self._round_manifest(index, first, last) if t.accelerator.is_main_process else {}
         except BaseException:
@@ -133,6 +135,11 @@ class TrainingRun:
         logger.info("%s round %d/%d done: reward by level %s; %s", self.arm, index, total, reward, checkpoint.name)
         return {"round": index, "last_step": last, "checkpoint": str(checkpoint),
                 "rollouts": str(t.files.round_manifest(index)), "reward_by_level": reward}
+
+    def _evaluate_at(self, step: int) -> bool:
+        """eval.every_steps: the paper's curves; the final policy is the evaluate stage's."""
+        every = self.params.eval.every_steps
+        return bool(every) and step % every == 0 and step < self.params.train.steps
 
     def _checkpoint(self, step: int):
         latest = self.trainer.latest_checkpoint()

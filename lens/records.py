@@ -2,7 +2,7 @@
 
 runs/<profile>/<arm>/ holds `metrics.jsonl` (one JSON row per completed step: {"step": n, "train/...",
 "perf/...", "verify/..."}), `rollouts/step-NNNNNN.parquet` (ROLLOUT_COLUMNS, one file per step, named by
-the number of steps completed before it), `rollouts/round-NNNN.json`, `checkpoints/`, `final/` (a
+the number of steps completed before it), `rollouts/round-NNNN.json`, `evals/step-NNNNNN.json` (during training), `checkpoints/`, `final/` (a
 transformers directory), `train_summary.json` and `eval.json`.
 """
 
@@ -54,6 +54,14 @@ class RunFiles:
     @property
     def eval(self) -> Path:
         return self.dir / "eval.json"
+
+    @property
+    def evals(self) -> Path:
+        return self.dir / "evals"
+
+    def eval_at(self, step: int) -> Path:
+        """The evaluation of the policy after `step` steps, made during training (eval.every_steps)."""
+        return self.evals / f"step-{step:06d}.json"
 
     def rollout_file(self, step: int) -> Path:
         return self.rollouts / f"step-{step:06d}.parquet"

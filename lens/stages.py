@@ -6,6 +6,7 @@ and the Prefect flows. Each returns a small JSON-able summary.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def evaluate(params: Params, algo: str | None = None, model_path: str | Path | N
     summary = evaluate_policy(params, model_path, read_problems(eval_file))
     summary["model"] = str(model_path)
     summary["algo"] = algo
+    if model_path == files.final:  # which policy the tables describe: the final one, after this many steps
+        trained = json.loads(files.train_summary.read_text()) if files.train_summary.exists() else {}
+        summary |= {"checkpoint": "final", "step": trained.get("step")}
     write_eval(out_path or files.eval, summary)
     return summary
 

@@ -150,6 +150,7 @@ class Trainer:
             # A fresh run owns its directory: stale checkpoints would be picked up by a later --resume.
             self.checkpoints.clear()
             shutil.rmtree(self.files.rollouts, ignore_errors=True)
+            shutil.rmtree(self.files.evals, ignore_errors=True)
             self.files.metrics.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
@@ -406,6 +407,22 @@ class Trainer:
             columns = {k: [v for shard in shards for v in shard[k]] for k in columns}
         if self.accelerator.is_main_process:
             write_rollouts(self.files.rollout_file(b.step), {k: columns[k] for k in ROLLOUT_COLUMNS})
+
+    def evaluate_now(self) -> dict | None:
+        """The current policy on the eval split, with this run's own engine (main process; the others
+        wait): <arm>/evals/step-NNNNNN.json, and its eval/... metrics to the callbacks at this step."""
+        from lens.evaluate import eval_metrics, evaluate_engine, write_eval
+
+        summary = None
+        if self.accelerator.is_main_process:
+            problems = read_problems(self.params.data_dir / "eval.jsonl")
+            summary = evaluate_engine(self.params, self.engine, self.tokenizer, problems)
+            summary |= {"step": self.state.step, "checkpoint": f"step-{self.state.step:06d}"}
+            write_eval(self.files.eval_at(self.state.step), summary)
+            for cb in self.callbacks:
+                cb(self.state.step, eval_metrics(summary))
+        self.accelerator.wait_for_everyone()
+        return summary
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:

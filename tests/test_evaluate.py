@@ -202,3 +202,21 @@ def test_write_read_roundtrip(tmp_path):
     with pytest.raises(ValueError):
         write_eval(tmp_path / "bad.json", {"x": float("nan")})
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_the_level_4_5_subset_is_a_scope_of_its_own():
+    results = [ProblemResult(f"p{lv}-{i}", lv, 4, (i + lv) % 5) for lv in (1, 4, 5) for i in range(6)]
+    summary = summarize(results, ks=(1, 2), bootstrap_samples=200)
+    hard = [r for r in results if r.level in (4, 5)]
+    block = summary["scopes"]["levels_4_5"]
+    assert block["n_problems"] == 12
+    assert block["acc"] == pytest.approx(sum(r.correct / r.n for r in hard) / 12)
+    assert summary["metrics"]["eval/acc_levels_4_5"] == block["acc"] and "eval/pass_at_2_levels_4_5" in summary["metrics"]
+    # the other scopes' numbers do not depend on it
+    without = summarize([r for r in results if r.level != 5], ks=(1, 2), bootstrap_samples=200)
+    assert "levels_4_5" not in without["scopes"]
+    assert without["levels"]["1"] == summary["levels"]["1"]
+    from lens.evaluate import eval_metrics, evaluation_markdown
+
+    assert "eval/acc_levels_4_5_ci_low" in eval_metrics(summary)
+    assert "| 4-5 | 12 |" in evaluation_markdown(summary | {"model": "m"}, "lens", "tiny")

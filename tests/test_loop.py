@@ -195,3 +195,20 @@ def test_a_retried_round_restores_from_the_last_checkpoint(uninterrupted, tmp_pa
     files = RunFiles(params.algo_dir())
     assert [json.loads(line)["step"] for line in files.metrics.read_text().splitlines()] == [1, 2, 3]
     _assert_same_weights(_final_weights(reference), _final_weights(params))
+
+
+def test_evaluation_during_training_records_the_curve_and_leaves_training_unchanged(uninterrupted, tmp_path):
+    reference, _, _ = uninterrupted
+    params = _setup(tmp_path, "eval.every_steps=1", "eval.samples_per_problem=2")
+    runner, logged = RecordingRunner(), []
+    train(params, runner=runner, callbacks=[lambda step, metrics: logged.append((step, metrics))])
+    files = RunFiles(params.algo_dir())
+    # every step but the last (the final policy is the evaluate stage's), after the step's own phases
+    assert sorted(p.name for p in files.evals.glob("*.json")) == ["step-000001.json", "step-000002.json"]
+    assert ("evaluate_policy", "lens", 2) in runner.phases
+    assert runner.phases.index(("evaluate_policy", "lens", 1)) > runner.phases.index(("update_policy", "lens", 1))
+    first = json.loads(files.eval_at(1).read_text())
+    assert (first["step"], first["checkpoint"]) == (1, "step-000001") and 0 <= first["overall"]["acc"] <= 1
+    assert [step for step, m in logged if "eval/acc" in m] == [1, 2]
+    assert [r["step"] for r in read_metrics(files.metrics)] == [1, 2, 3]
+    _assert_same_weights(_final_weights(reference), _final_weights(params))  # evaluating perturbs nothing
