@@ -12,18 +12,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from lens.records import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lens.records import atomic_write_json, atomic_write_text
 
-DEFAULT_CURVE_KEYS = ("train/reward_mean", "train/acc", "train/frac_groups_all_wrong",
-                      "train/frac_samples_with_signal")
 _STAT_HEADER = ["diff", "diff_ci_low", "diff_ci_high", "p_boot", "wins", "ties", "losses", "sign_test_p"]
 _READ_DIFF = ("A difference interval that excludes 0 means the gap is larger than what resampling the "
               "evaluation problems would produce by chance; one that contains 0 means this evaluation set "
               "cannot tell the two apart. ")
 _READ_SEEDS = ("None of this accounts for the variance between training runs (seeds): one run per arm is a "
                "single draw - train several seeds before drawing conclusions about the algorithms.")
+_READ_POOLED = ("An arm pooled over seeds counts its seeds' samples as extra samples of the same problems (per "
+                "problem, samples and correct ones are summed, so pass@k draws its k samples from all the "
+                "seeds'; greedy accuracy is the fraction of seeds whose greedy completion is correct). The "
+                "intervals still resample problems only: they are not an estimate of the variance between "
+                "training runs (seeds), and pooling hides how far the seeds disagree - read each seed's own "
+                "evaluation for that.")
+_SCOPE_LABELS = {"levels_4_5": "4-5"}  # lens.compare.SCOPES as table labels
 
 
 def _fmt(v: float, signed: bool = False) -> str:
@@ -43,8 +47,33 @@ def _conf(cmp: dict[str, Any]) -> str:
 
 
 def _level_rows(block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(level, row) per level, then ("all", overall), of a pair or of compare_arms' "accuracy"."""
-    return [(lv, row) for lv, row in block["levels"].items()] + [("all", block["overall"])]
+    """(level, row) per level, then per scope ("4-5", ...), then ("all", overall), of a pair or of
+    compare_arms' "accuracy"."""
+    scopes = [(_SCOPE_LABELS.get(name, name), row) for name, row in block.get("scopes", {}).items()]
+    return [*block["levels"].items(), *scopes, ("all", block["overall"])]
+
+
+def _policy_label(arm: str, policy: dict[str, Any]) -> str:
+    """E.g. "LENS final (step 40)"; "LENS (checkpoint not recorded)" for an older eval.json."""
+    where = [str(policy["checkpoint"])] if "checkpoint" in policy else []
+    where += [f"(step {policy['step']})"] if "step" in policy else []
+    return f"{arm.upper()} {' '.join(where) or '(checkpoint not recorded)'}"
+
+
+def _arms_lines(arms: Sequence[str], cmp: dict[str, Any]) -> list[str]:
+    """Paragraphs naming each arm's evaluated checkpoint and its pooled seeds; none where neither is known."""
+    policies, seeds = cmp.get("policies", {}), cmp.get("seeds", {})
+    lines = []
+    if any(policies.get(x) for x in arms):
+        lines += [f"Policies: {', '.join(_policy_label(x, policies.get(x, {})) for x in arms)}.", ""]
+    if any(seeds.get(x, 1) > 1 for x in arms):
+        pooled = (f"pooled over {seeds[x]} seeds" if seeds.get(x, 1) > 1 else "a single seed" for x in arms)
+        lines += [f"Seeds: {', '.join(f'{x.upper()} {how}' for x, how in zip(arms, pooled))}.", ""]
+    return lines
+
+
+def _read_seeds(cmp: dict[str, Any]) -> str:
+    return _READ_POOLED if any(s > 1 for s in cmp.get("seeds", {}).values()) else _READ_SEEDS
 
 
 def _only_pair(cmp: dict[str, Any]) -> dict[str, Any] | None:
@@ -71,8 +100,8 @@ def _pair_tables(pair: dict[str, Any], heading: str) -> list[str]:
     lines = [
         f"{heading} Accuracy (mean over problems of the fraction of correct samples)",
         "",
-        f"| level | problems | {A} acc [{conf} CI] | {B} acc [{conf} CI] | {B} - {A} [{conf} CI] "
-        f"| wins / ties / losses | p (bootstrap) | p (sign test) |",
+        (f"| level | problems | {A} acc [{conf} CI] | {B} acc [{conf} CI] | {B} - {A} [{conf} CI] "
+         f"| wins / ties / losses | p (bootstrap) | p (sign test) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level, row in _level_rows(pair):
@@ -90,8 +119,8 @@ def _pair_tables(pair: dict[str, Any], heading: str) -> list[str]:
             "",
             f"{heading} pass@k (all levels)",
             "",
-            f"| metric | problems | {A} [{conf} CI] | {B} [{conf} CI] | {B} - {A} [{conf} CI] "
-            f"| p (bootstrap) |",
+            (f"| metric | problems | {A} [{conf} CI] | {B} [{conf} CI] | {B} - {A} [{conf} CI] "
+             f"| p (bootstrap) |"),
             "|---|---:|---:|---:|---:|---:|",
         ]
         for label, row in extra:
@@ -110,13 +139,14 @@ def pair_markdown(pair: dict[str, Any]) -> str:
                    f"resamples the same problems for both arms (paired), so differences in problem difficulty "
                    f"cancel. {_READ_DIFF}Wins / ties / losses count problems on which {B}'s per-problem "
                    f"accuracy is higher / equal / lower, and the sign test asks whether wins and losses are "
-                   f"balanced. {_READ_SEEDS}")
-    return "\n".join([f"# {B} vs {A}", "", _pairing_line(pair), "", *_pair_tables(pair, "##"),
+                   f"balanced. {_read_seeds(pair)}")
+    return "\n".join([f"# {B} vs {A}", "", *_arms_lines(pair["names"], pair), _pairing_line(pair), "",
+                      *_pair_tables(pair, "##"),
                       "", "## How to read this", "", how_to_read, ""])
 
 
 def _pair_csv_rows(pair: dict[str, Any]) -> list[tuple[str, str, int | str, dict[str, Any]]]:
-    """(metric, level, k, row): one per level (plus "all"), one per pass@k, one for greedy."""
+    """(metric, level, k, row): one per level (plus "4-5", "all"), one per pass@k, one for greedy."""
     rows: list[tuple[str, str, int | str, dict[str, Any]]]
     rows = [("acc", lv, "", row) for lv, row in _level_rows(pair)]
     rows += [("pass@k", "all", row["k"], row) for row in pair.get("pass@k", [])]
@@ -139,7 +169,7 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def pair_csv(pair: dict[str, Any]) -> str:
-    """CSV of ``compare``'s output: one row per level (plus "all"), one per pass@k, one for greedy."""
+    """CSV of ``compare``'s output: one row per level (plus "4-5", "all"), one per pass@k, one for greedy."""
     a, b = pair["names"]
     header = ["metric", "level", "k", "n_problems", a, f"{a}_ci_low", f"{a}_ci_high", b, f"{b}_ci_low",
               f"{b}_ci_high", *_STAT_HEADER]
@@ -163,9 +193,10 @@ def comparison_markdown(cmp: dict[str, Any]) -> str:
     lines = [
         f"# {', '.join(others)} vs {BASE}",
         "",
-        f"{len(arms)} arms, each compared with the baseline {BASE}; "
-        f"{cmp['config']['bootstrap_samples']} paired bootstrap resamples over problems.",
+        (f"{len(arms)} arms, each compared with the baseline {BASE}; "
+         f"{cmp['config']['bootstrap_samples']} paired bootstrap resamples over problems."),
         "",
+        *_arms_lines(arms, cmp),
         "## Accuracy by arm (mean over problems of the fraction of correct samples)",
         "",
         f"On the {acc['problems']} problems that every arm has.",
@@ -184,7 +215,7 @@ def comparison_markdown(cmp: dict[str, Any]) -> str:
                    f"cancel. {_READ_DIFF}Wins / ties / losses count problems on which the arm's per-problem "
                    f"accuracy is higher / equal / lower than {BASE}'s, and the sign test asks whether wins and "
                    f"losses are balanced. With {len(arms) - 1} arms compared against {BASE}, some interval "
-                   f"excludes 0 by chance more often than a single comparison's {conf} suggests. {_READ_SEEDS}")
+                   f"excludes 0 by chance more often than a single comparison's {conf} suggests. {_read_seeds(cmp)}")
     return "\n".join([*lines, "", "## How to read this", "", how_to_read, ""])
 
 
@@ -229,6 +260,8 @@ def _pair_metrics(pair: dict[str, Any], prefix: str, with_arm_acc: bool) -> dict
     add("", pair["overall"])
     for level, row in pair["levels"].items():
         add(f"_level_{level}", row)
+    for scope, row in pair.get("scopes", {}).items():
+        add(f"_{scope}", row)
     for row in pair.get("pass@k", []):
         metrics[f"{prefix}diff_pass_at_{row['k']}"] = float(row["diff"])
     if "greedy" in pair:
@@ -238,9 +271,9 @@ def _pair_metrics(pair: dict[str, Any], prefix: str, with_arm_acc: bool) -> dict
 
 def comparison_metrics(cmp: dict[str, Any]) -> dict[str, float]:
     """Flat MLflow metrics. Two arms <a> (baseline), <b>: compare/{diff_acc, diff_acc_ci_low, diff_acc_ci_high,
-    p_boot, sign_test_p, <a>_acc, <b>_acc}[_level_{L}], compare/diff_pass_at_{k}, compare/diff_greedy_acc.
-    More arms: compare/<arm>_acc[_level_{L}] per arm (on the problems all arms have), and per other arm
-    the pair's statistics under compare/<arm>/ (compare/<arm>/diff_acc, ...)."""
+    p_boot, sign_test_p, <a>_acc, <b>_acc}[_level_{L} | _levels_4_5], compare/diff_pass_at_{k},
+    compare/diff_greedy_acc. More arms: compare/<arm>_acc[_level_{L} | _levels_4_5] per arm (on the problems
+    all arms have), and per other arm the pair's statistics under compare/<arm>/ (compare/<arm>/diff_acc, ...)."""
     pair = _only_pair(cmp)
     if pair is not None:
         return _pair_metrics(pair, "compare/", with_arm_acc=True)
@@ -248,13 +281,15 @@ def comparison_metrics(cmp: dict[str, Any]) -> dict[str, float]:
     metrics = {f"compare/{arm}_acc": float(acc["overall"][arm]) for arm in cmp["arms"]}
     for level, row in acc["levels"].items():
         metrics.update({f"compare/{arm}_acc_level_{level}": float(row[arm]) for arm in cmp["arms"]})
+    for scope, row in acc.get("scopes", {}).items():
+        metrics.update({f"compare/{arm}_acc_{scope}": float(row[arm]) for arm in cmp["arms"]})
     for x, pair in cmp["pairs"].items():
         metrics.update(_pair_metrics(pair, f"compare/{x}/", with_arm_acc=False))
     return metrics
 
 
 def comparison_table(cmp: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for a Prefect table artifact, one per level (plus "all"). Two arms <a>, <b>: level, problems,
+    """Rows for a Prefect table artifact, one per level (plus "4-5", "all"). Two arms <a>, <b>: level, problems,
     <a>_acc, <a>_ci, <b>_acc, <b>_ci, diff, diff_ci, p_boot, wins, ties, losses. More arms: one row per arm
     and level, with "arm" first and the arm's own columns named acc, acc_ci."""
     b = cmp["baseline"]
@@ -313,92 +348,3 @@ def write_plot_data(out_dir: str | os.PathLike[str], cmp: dict[str, Any],
     by_level = _csv_text(["level", *arms], [[int(lv), *(row[arm] for arm in arms)] for lv, row in levels])
     written["accuracy_by_level"] = atomic_write_text(out_dir / "accuracy_by_level.csv", by_level)
     return written
-
-
-# ---- plots (matplotlib, Agg canvas; no pyplot global state) ---------------------------------------
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | os.PathLike[str]) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-def plot_levels(cmp: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Grouped bar chart of every arm's accuracy by level (and "all"), with CI error bars; PNG."""
-    arms = cmp["arms"]
-    rows = _level_rows(cmp["accuracy"])
-    labels = [("all" if lv == "all" else f"L{lv}") for lv, _ in rows]
-    x = np.arange(len(rows))
-    width = 0.76 / len(arms)
-    fig = _new_figure(max(5.0, (0.55 * len(arms)) * len(rows) + 2), 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    for j, name in enumerate(arms):  # colour j as in plot_learning_curves
-        vals = np.array([row[name] for _, row in rows])
-        cis = np.array([row[f"{name}_ci"] for _, row in rows])
-        yerr = np.clip(np.stack([vals - cis[:, 0], cis[:, 1] - vals]), 0.0, None)
-        ax.bar(x + (j - (len(arms) - 1) / 2) * width, vals, width, yerr=yerr, capsize=3, label=name.upper(),
-               color=f"C{j % 10}")
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels)
-    ax.set_ylabel("accuracy (mean over problems)")
-    ax.set_ylim(0.0, 1.05)
-    others = " / ".join(a.upper() for a in arms[1:])
-    ax.set_title(f"Accuracy by level, {others} vs {arms[0].upper()} ({_conf(cmp)} bootstrap CI)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _curve(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of ``key``; the last row wins for a repeated step (e.g. after a resume)."""
-    by_step: dict[float, float] = {}
-    for i, row in enumerate(rows):
-        v = row.get(key)
-        if not _number(v):
-            continue
-        step = row.get("step", i)
-        if isinstance(step, (int, float)) and not isinstance(step, bool):
-            by_step[step] = float(v)
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
-def plot_learning_curves(metrics_by_arm: dict[str, list[dict[str, Any]]], path: str | os.PathLike[str],
-                         keys: Sequence[str] = DEFAULT_CURVE_KEYS) -> Path:
-    """One subplot per metric key (keys no arm logged are skipped), one line per arm; PNG.
-
-    ``metrics_by_arm`` maps an arm name to its metric rows (dicts with "step", as in metrics.jsonl).
-    With no plottable key at all the figure says so instead of failing.
-    """
-    curves = {key: {arm: _curve(rows, key) for arm, rows in metrics_by_arm.items()} for key in keys}
-    present = [key for key in keys if any(steps for steps, _ in curves[key].values())]
-    ncols = min(2, max(1, len(present)))
-    nrows = max(1, math.ceil(len(present) / ncols))
-    fig = _new_figure(5.0 * ncols, 3.2 * nrows)
-    if not present:
-        ax = fig.add_subplot(1, 1, 1)
-        ax.text(0.5, 0.5, "no metrics to plot", ha="center", va="center")
-        ax.set_axis_off()
-    for i, key in enumerate(present):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        for j, (arm, (steps, vals)) in enumerate(curves[key].items()):
-            if steps:  # one colour per arm across subplots (C0, C1, ... in metrics_by_arm order)
-                ax.plot(steps, vals, label=arm.upper(), color=f"C{j % 10}",
-                        marker="." if len(steps) < 30 else None)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return _save(fig, path)

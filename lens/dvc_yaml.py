@@ -25,7 +25,7 @@ STAGE_ENTRIES = {
     "warm_start": ["lens.warm_start"],
     "train": ["lens.loop"],
     "evaluate": ["lens.evaluate"],
-    "compare": ["lens.compare", "lens.compare_report"],
+    "compare": ["lens.compare", "lens.compare_report", "lens.compare_plots"],
 }
 EVERY_STAGE = ["lens/stages.py", "lens/params.py"]
 # What every stage that runs the policy reads (train and evaluate).

@@ -42,6 +42,9 @@ import numpy as np
 
 from lens.records import atomic_write_text
 
+# Scopes beyond single levels: name -> (levels, bootstrap stream). The paper's Level 4-5 subset of MATH-500.
+SCOPES = {"levels_4_5": ((4, 5), 45)}
+
 # ---- statistics (model-free) -------------------------------------------------------------------
 
 
@@ -216,9 +219,10 @@ def summarize(results: Sequence[ProblemResult], ks: Iterable[int] = (1, 2, 4, 8,
                                             _scope_rng(seed, level))
 
     scopes: dict[str, Any] = {}
-    hard = [r for r in results if r.level in (4, 5)]
-    if {r.level for r in hard} == {4, 5}:  # the paper's Level 4-5 subset of MATH-500; its own RNG stream
-        scopes["levels_4_5"] = _scope_summary(hard, ks_list, bootstrap_samples, confidence, _scope_rng(seed, 45))
+    for name, (scope_levels, stream) in SCOPES.items():
+        subset = [r for r in results if r.level in scope_levels]
+        if {r.level for r in subset} == set(scope_levels):
+            scopes[name] = _scope_summary(subset, ks_list, bootstrap_samples, confidence, _scope_rng(seed, stream))
 
     metrics: dict[str, float] = {"eval/acc": overall["acc"]}
     for level, block in levels.items():

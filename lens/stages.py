@@ -90,7 +90,8 @@ def compare(params: Params) -> dict:
     """Every arm of `compare.arms` against `compare.baseline`, per level, with paired-bootstrap intervals;
     tables, plots and `dvc plots` data under <root>/compare."""
     from lens.compare import compare_arms
-    from lens.compare_report import plot_learning_curves, plot_levels, write_comparison, write_plot_data
+    from lens.compare_plots import plot_learning_curves, plot_levels
+    from lens.compare_report import write_comparison, write_plot_data
     from lens.evaluate import read_eval
 
     evals, curves = {}, {}

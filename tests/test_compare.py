@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+import lens.compare as lens_compare
 from lens.compare import compare, compare_arms, sign_test_p
 from lens.compare_report import (
     comparison_csv,
@@ -17,12 +18,11 @@ from lens.compare_report import (
     comparison_table,
     pair_csv,
     pair_markdown,
-    plot_learning_curves,
-    plot_levels,
     write_comparison,
     write_plot_data,
 )
-from lens.evaluate import ProblemResult, summarize
+from lens.compare_plots import plot_learning_curves, plot_levels
+from lens.evaluate import ProblemResult, problem_results, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -373,3 +373,188 @@ def test_plot_data_for_dvc_plots(tmp_path):
         assert list(csv.reader(fh)) == [["level", "grpo", "lens"], ["2", "0.25", "0.5"], ["10", "0", "1"]]
     with pytest.raises(ValueError, match="stranger"):
         write_plot_data(tmp_path, cmp, {"stranger": rows})
+
+
+# ---- several training seeds per arm, pooled per problem ---------------------------------------------
+
+
+def seed_results(seed: int, n: int = 8, levels=(1, 2), per_level: int = 6, greedy: bool = True) -> list:
+    rng = np.random.default_rng(100 + seed)
+    return [ProblemResult(f"L{lv}-{i}", lv, n, int(rng.integers(0, n + 1)),
+                          int(rng.integers(0, 2)) if greedy else None)
+            for lv in levels for i in range(per_level)]
+
+
+def merged(*seeds: list) -> list:
+    """The seeds' results as one run with all their samples (greedy left out)."""
+    return [ProblemResult(rs[0].id, rs[0].level, sum(r.n for r in rs), sum(r.correct for r in rs))
+            for rs in zip(*seeds, strict=True)]
+
+
+def without(d: dict, *keys: str) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def test_pooled_seeds_count_as_extra_samples_of_each_problem():
+    grpo = [seed_results(s, greedy=False) for s in (0, 1)]
+    lens = [seed_results(s, greedy=False) for s in (2, 3, 4)]
+    pooled = compare_arms({"grpo": [summarize(r, ks=(1, 2, 4, 8)) for r in grpo],
+                           "lens": [summarize(r, ks=(1, 2, 4, 8)) for r in lens]}, "grpo", bootstrap_samples=100)
+    # the same as one run per arm holding all of its seeds' samples (pass@k over the same ks)
+    one_run = compare_arms({"grpo": summarize(merged(*grpo), ks=(1, 2, 4, 8)),
+                            "lens": summarize(merged(*lens), ks=(1, 2, 4, 8))}, "grpo", bootstrap_samples=100)
+    assert pooled["seeds"] == pooled["pairs"]["lens"]["seeds"] == {"grpo": 2, "lens": 3}
+    assert one_run["seeds"] == {"grpo": 1, "lens": 1}
+    assert without(pooled, "seeds", "pairs") == without(one_run, "seeds", "pairs")
+    assert without(pooled["pairs"]["lens"], "seeds") == without(one_run["pairs"]["lens"], "seeds")
+    assert pooled["pairs"]["lens"]["pairing"]["paired"] == 12
+    # pass@k only for the ks every seed reported (each seed has 8 samples, the pool 16)
+    assert [r["k"] for r in pooled["pairs"]["lens"]["pass@k"]] == [1, 2, 4, 8]
+
+
+def test_a_list_of_one_summary_is_that_summary():
+    a, b = golden_arms()
+    assert compare_arms({"grpo": [a], "lens": [b]}, "grpo", bootstrap_samples=50) == \
+        compare_arms({"grpo": a, "lens": b}, "grpo", bootstrap_samples=50)
+
+
+def test_pooled_greedy_is_the_fraction_of_seeds_whose_greedy_answer_is_right():
+    def seed(greedy: list[int]) -> dict:
+        return summarize([ProblemResult(f"p{i}", 1, 4, 2, g) for i, g in enumerate(greedy)], bootstrap_samples=10)
+
+    grpo = [seed([1, 0, 0, 0]), seed([0, 0, 0, 0])]   # per problem 1/2, 0, 0, 0
+    lens = [seed([1, 1, 0, 1]), seed([1, 0, 0, 1])]   # per problem 1, 1/2, 0, 1
+    row = compare_arms({"grpo": grpo, "lens": lens}, "grpo", bootstrap_samples=100)["pairs"]["lens"]["greedy"]
+    assert row["grpo"] == pytest.approx(0.5 / 4) and row["lens"] == pytest.approx(2.5 / 4)
+    assert (row["wins"], row["ties"], row["losses"]) == (3, 1, 0)
+    # the mean of the seeds' own greedy accuracies
+    assert row["lens"] == pytest.approx(np.mean([s["overall"]["greedy_acc"] for s in lens]))
+
+
+def test_pooled_seeds_need_the_same_problems():
+    full, fewer = seed_results(0), seed_results(1)[:-1]
+    other = summarize(seed_results(2), bootstrap_samples=10)
+    with pytest.raises(ValueError, match=r"'lens'.*seed 1 lacks 1 problems.*'L2-5'"):
+        compare_arms({"grpo": other, "lens": [summarize(full, bootstrap_samples=10),
+                                              summarize(fewer, bootstrap_samples=10)]}, "grpo")
+    relevelled = [ProblemResult(r.id, 3 if r.id == "L1-0" else r.level, r.n, r.correct) for r in full]
+    with pytest.raises(ValueError, match=r"'lens'.*'L1-0' has level 1 in seed 0 but 3 in seed 1"):
+        compare_arms({"grpo": other, "lens": [summarize(full, bootstrap_samples=10),
+                                              summarize(relevelled, bootstrap_samples=10)]}, "grpo")
+    with pytest.raises(ValueError, match="'lens' has no summaries"):
+        compare_arms({"grpo": other, "lens": []}, "grpo")
+    at_40, at_60 = ({**summarize(full, bootstrap_samples=10), "step": s} for s in (40, 60))
+    with pytest.raises(ValueError, match=r"'lens'.*different steps \[40, 60\]"):
+        compare_arms({"grpo": other, "lens": [at_40, at_60]}, "grpo")
+
+
+def test_pooled_reports_say_so():
+    grpo = [summarize(seed_results(s), bootstrap_samples=10) for s in (0, 1)]
+    lens = summarize(seed_results(2), bootstrap_samples=10)
+    cmp = compare_arms({"grpo": grpo, "lens": lens}, "grpo", bootstrap_samples=100)
+    md = comparison_markdown(cmp)
+    assert "\nSeeds: GRPO pooled over 2 seeds, LENS a single seed.\n" in md
+    assert "extra samples of the same problems" in md and "not an estimate of the variance between training" in md
+    assert "one run per arm is a single draw" not in md
+    three = compare_arms({"grpo": grpo, "lens": lens, "more": [lens, lens]}, "grpo", bootstrap_samples=50)
+    md3 = comparison_markdown(three)
+    assert "\nSeeds: GRPO pooled over 2 seeds, LENS a single seed, MORE pooled over 2 seeds.\n" in md3
+    assert md3.index("Seeds:") < md3.index("## Accuracy by arm")
+    single = comparison_markdown(compare_arms({"grpo": grpo[0], "lens": lens}, "grpo", bootstrap_samples=50))
+    assert "Seeds:" not in single and "one run per arm is a single draw" in single
+
+
+# ---- Levels 4-5 as a scope of their own ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def five_levels():
+    rng = np.random.default_rng(7)
+    base = {lv: rng.integers(0, 9, size=6).tolist() for lv in (1, 2, 3, 4, 5)}
+    better = {lv: [min(8, c + (i % 3)) for i, c in enumerate(cs)] for lv, cs in base.items()}
+    return arm(base, greedy=True, bootstrap_samples=200), arm(better, greedy=True, bootstrap_samples=200)
+
+
+def test_levels_4_and_5_get_a_paired_row_of_their_own(five_levels, monkeypatch):
+    a, b = five_levels
+    cmp = compare(a, b, bootstrap_samples=200)
+    row = cmp["scopes"]["levels_4_5"]
+    hard = [(pa, pb) for pa, pb in zip(a["problems"], b["problems"], strict=True) if pa["level"] >= 4]
+    assert row["n_problems"] == 12
+    assert row["grpo"] == pytest.approx(np.mean([p["correct"] / p["n"] for p, _ in hard]))
+    assert row["diff"] == pytest.approx(row["lens"] - row["grpo"])
+    assert row["wins"] + row["ties"] + row["losses"] == 12
+    assert row["diff_ci"][0] <= row["diff"] <= row["diff_ci"][1]
+    # each arm's interval is its summary's (the same resamples of the same problems)
+    for name, summary in (("grpo", a), ("lens", b)):
+        assert row[f"{name}_ci"] == pytest.approx(summary["scopes"]["levels_4_5"]["acc_ci"], abs=1e-12)
+        assert cmp["levels"]["4"][f"{name}_ci"] == pytest.approx(summary["levels"]["4"]["acc_ci"], abs=1e-12)
+    # its own random stream: every other number is what it was without the scope
+    monkeypatch.setattr(lens_compare, "SCOPES", {})
+    before = compare(a, b, bootstrap_samples=200)
+    assert "scopes" not in before and without(cmp, "scopes") == before
+
+
+def test_no_levels_4_5_scope_without_both_levels(five_levels):
+    only_4 = arm({1: [1, 2], 4: [3, 4]})
+    assert "scopes" not in compare(only_4, only_4, bootstrap_samples=20)
+    assert "scopes" not in compare_arms({"grpo": only_4, "lens": only_4}, "grpo", bootstrap_samples=20)["accuracy"]
+    # paired problems decide: level 5 only in one arm is not a 4-5 scope
+    a, _ = five_levels
+    no_5 = summarize([r for r in problem_results(a) if r.level != 5], bootstrap_samples=10)
+    assert "scopes" not in compare(a, no_5, bootstrap_samples=20)
+
+
+def test_levels_4_5_in_every_report(five_levels):
+    a, b = five_levels
+    cmp = compare_arms({"grpo": a, "lens": b}, "grpo", bootstrap_samples=100)
+    scope = cmp["pairs"]["lens"]["scopes"]["levels_4_5"]
+    assert cmp["accuracy"]["scopes"]["levels_4_5"]["grpo_ci"] == pytest.approx(scope["grpo_ci"], abs=1e-12)
+
+    md = comparison_markdown(cmp)
+    assert md.index("\n| 5 | 6 |") < md.index("\n| 4-5 | 12 |") < md.index("\n| **all** | 30 |")
+    assert f"\n| 4-5 | 12 | {scope['grpo']:.3f} [" in md
+    rows = list(csv.DictReader(io.StringIO(comparison_csv(cmp))))
+    assert [r["level"] for r in rows if r["metric"] == "acc"] == ["1", "2", "3", "4", "5", "4-5", "all"]
+    assert float(next(r for r in rows if r["level"] == "4-5")["diff"]) == pytest.approx(scope["diff"])
+
+    metrics = comparison_metrics(cmp)
+    keys = list(metrics)
+    assert keys.index("compare/lens_acc_level_5") < keys.index("compare/diff_acc_levels_4_5") \
+        < keys.index("compare/diff_pass_at_1")
+    assert metrics["compare/diff_acc_levels_4_5"] == scope["diff"]
+    assert metrics["compare/diff_acc_levels_4_5_ci_low"] == scope["diff_ci"][0]
+    assert {"compare/p_boot_levels_4_5", "compare/sign_test_p_levels_4_5", "compare/grpo_acc_levels_4_5",
+            "compare/lens_acc_levels_4_5"} <= set(metrics)
+    assert [r["level"] for r in comparison_table(cmp)] == ["1", "2", "3", "4", "5", "4-5", "all"]
+
+    three = compare_arms({"grpo": a, "lens": b, "same": a}, "grpo", bootstrap_samples=100)
+    md3 = comparison_markdown(three)
+    assert md3.count("\n| 4-5 | 12 |") == 3  # the accuracy-by-arm table and each pair's
+    acc_table = md3[md3.index("## Accuracy by arm"):md3.index("## LENS vs GRPO")]
+    assert acc_table.index("\n| 5 | 6 |") < acc_table.index("\n| 4-5 | 12 |") < acc_table.index("\n| **all** |")
+    metrics3 = comparison_metrics(three)
+    assert metrics3["compare/same_acc_levels_4_5"] == three["accuracy"]["scopes"]["levels_4_5"]["same"]
+    assert metrics3["compare/lens/diff_acc_levels_4_5"] == three["pairs"]["lens"]["scopes"]["levels_4_5"]["diff"]
+    assert ("lens", "4-5") in [(r["arm"], r["level"]) for r in comparison_table(three)]
+
+
+# ---- which checkpoint a table uses ------------------------------------------------------------------
+
+
+def test_the_header_names_the_evaluated_checkpoints():
+    a, b = golden_arms()
+    at = {"checkpoint": "final", "step": 40}
+    md = comparison_markdown(compare_arms({"grpo": {**a, **at}, "lens": {**b, **at}}, "grpo", bootstrap_samples=50))
+    # one paragraph more; every other line as before
+    assert md == PAIR_MARKDOWN_BEFORE_REFACTOR.replace(
+        "\n\n7 problems", "\n\nPolicies: GRPO final (step 40), LENS final (step 40).\n\n7 problems", 1)
+    partly = compare(a, {**b, "step": 20}, bootstrap_samples=50)
+    assert partly["policies"] == {"grpo": {}, "lens": {"step": 20}}
+    assert "\nPolicies: GRPO (checkpoint not recorded), LENS (step 20).\n" in pair_markdown(partly)
+    pooled = compare_arms({"grpo": [{**a, **at}, {**a, **at}], "lens": {**b, "checkpoint": "step_30"},
+                           "old": b}, "grpo", bootstrap_samples=50)
+    assert pooled["policies"] == {"grpo": at, "lens": {"checkpoint": "step_30"}, "old": {}}
+    md3 = comparison_markdown(pooled)
+    assert "\nPolicies: GRPO final (step 40), LENS step_30, OLD (checkpoint not recorded).\n" in md3
+    assert md3.index("Policies:") < md3.index("Seeds:") < md3.index("## Accuracy by arm")
