@@ -95,11 +95,18 @@ def compare(params: Params) -> dict:
     from lens.evaluate import read_eval
 
     evals, curves = {}, {}
+    # Each seed's run lives under its own output root (`lens all run.seed=1 run.output_root=runs/seed1`);
+    # compare.pool_output_roots pools their evaluations per arm (the learning curves are this root's).
+    roots = [params.root] + [params.resolve_path(r) / params.profile for r in params.compare.pool_output_roots]
     for arm in params.compare.arms:
         files = RunFiles(params.algo_dir(arm))
-        if not files.eval.exists():
-            raise FileNotFoundError(f"{files.eval} not found: run `lens evaluate --algo {arm}` first")
-        evals[arm] = read_eval(files.eval)
+        seeds = []
+        for root in roots:
+            path = RunFiles(root / arm).eval
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found: run `lens evaluate --algo {arm}` for that run first")
+            seeds.append(read_eval(path))
+        evals[arm] = seeds if len(seeds) > 1 else seeds[0]
         if files.metrics.exists():
             curves[arm] = read_metrics(files.metrics)
     ev = params.eval

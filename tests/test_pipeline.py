@@ -61,3 +61,22 @@ def test_an_unregistered_arm_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ParamsError, match="compare"):
         load_params("tiny", [f"run.output_root={tmp_path}", "compare.arms=[grpo,nope]"])
     assert not (tmp_path / "tiny").exists()
+
+
+def test_compare_pools_the_evaluations_of_several_seeds_per_arm(tmp_path):
+    from lens import stages
+    from lens.evaluate import ProblemResult, summarize, write_eval
+
+    def fake_eval(root, arm, bump):  # a stand-in for `lens evaluate` output: the compare stage reads files
+        results = [ProblemResult(f"p{lv}-{i}", lv, 4, (i + lv + bump) % 5) for lv in (1, 2) for i in range(5)]
+        write_eval(root / "tiny" / arm / "eval.json", summarize(results, ks=(1, 2), bootstrap_samples=100))
+
+    for seed_root, bump in ((tmp_path / "seed0", 0), (tmp_path / "seed1", 1)):
+        for arm in ("grpo", "lens"):
+            fake_eval(seed_root, arm, bump + (arm == "lens"))
+    params = load_params("tiny", [f"run.output_root={tmp_path / 'seed0'}", "eval.bootstrap_samples=100",
+                                  f"compare.pool_output_roots=[{tmp_path / 'seed1'}]"])
+    cmp = stages.compare(params)
+    assert cmp["seeds"] == {"grpo": 2, "lens": 2}
+    assert cmp["pairs"]["lens"]["overall"]["n_problems"] == 10
+    assert "pooled over 2 seeds" in (params.root / "compare" / "compare.md").read_text()
