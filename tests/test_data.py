@@ -20,24 +20,27 @@ import pytest
 
 from lens.data import (
     HENDRYCKS_CONFIGS,
-    INSTRUCTION,
-    PLAIN_TEMPLATE,
+    UNRATED_LEVEL,
     DataUnavailableError,
     LoadReport,
     Problem,
+    canonical_form,
     last_boxed,
+    load_dapo,
     load_gsm8k,
     load_math,
     load_problems_for,
     read_problems,
     register_source,
+    registry,
     render_prompt,
     source_names,
+    sources,
     synthetic_problems,
     synthetic_split_of,
     write_problems,
 )
-from lens.data import registry, sources
+from lens.data.loaders import DAPO_PREFIX, DAPO_SUFFIX
 from lens.params import PROJECT_ROOT, ParamsError, load_params
 from tests.conftest import SHARED_DATA
 from tests.helpers import shared_data_overrides
@@ -299,6 +302,25 @@ def test_synthetic_train_and_eval_are_disjoint(synthetic):
     assert all(synthetic_split_of(p.problem, 7) == "train" for p in synthetic["train"])
 
 
+def test_canonical_form_identifies_expressions_up_to_commutativity():
+    assert canonical_form("3*12") == canonical_form("12*3") == "+3*12"
+    assert canonical_form("7+3") == canonical_form("3+7")
+    assert canonical_form("12+37*8-45") == canonical_form("37*8+12-45") == canonical_form("8*37+12-45")
+    assert canonical_form("45-37*8") != canonical_form("37*8-45")  # a different sign is a different problem
+    assert canonical_form("52-17") != canonical_form("17-52")
+
+
+def test_no_eval_problem_has_a_commuted_twin_in_train():
+    """With the default seeds, 119 of 273 eval problems had a twin in train (`3*12` vs `12*3`) when the split
+    was decided on the string; the split is now decided on the canonical form."""
+    syn = load_params("tiny").data.synthetic
+    train = synthetic_problems("train", syn.train_per_level, syn.seed)
+    evals = synthetic_problems("eval", syn.eval_per_level, syn.seed)
+    twins = [p.problem for p in evals if canonical_form(p.problem) in {canonical_form(t.problem) for t in train}]
+    assert not twins, f"{len(twins)} of {len(evals)} eval problems have a twin in train, e.g. {twins[:5]}"
+    assert all(synthetic_split_of("3*12", seed) == synthetic_split_of("12*3", seed) for seed in range(50))
+
+
 def test_synthetic_answers_shapes_and_ids(synthetic):
     for split, problems in synthetic.items():
         for p in problems:
@@ -354,31 +376,7 @@ def test_write_read_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["eval.jsonl"]
 
 
-def test_render_prompt_plain():
-    p = Problem("x", "23+48", "71", 2, "arithmetic")
-    assert render_prompt(p) == PLAIN_TEMPLATE.format(problem="23+48") == "Q: 23+48\nA: "
-    braces = Problem("y", "Evaluate $\\frac{1}{2}$", "1/2", 1, "Algebra")
-    assert render_prompt(braces) == "Q: Evaluate $\\frac{1}{2}$\nA: "
-
-
-def _chat_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    return tokenizer
-
-
-def test_render_prompt_chat_template():
-    p = Problem("x", "What is 2+3?", "5", 1, "arithmetic")
-    rendered = render_prompt(p, _chat_tokenizer(), chat_template=True)
-    assert rendered == f"<|user|>\nWhat is 2+3?\n{INSTRUCTION}\n<|assistant|>\n"
-    with pytest.raises(ValueError):
-        render_prompt(p, None, chat_template=True)
+# The prompts rendered from problems: tests/test_prompt.py.
 
 
 # ---- params-driven selection ------------------------------------------------------------------
@@ -438,18 +436,145 @@ def test_hub_ids_pass_through_unresolved(monkeypatch):
     seen = []
     monkeypatch.setattr(sources, "load_math", lambda source, split, levels: (seen.append((source, split)) or [],
                                                                         LoadReport(source, 0, 0, {})))
-    params = load_params("paper")
+    monkeypatch.setattr(sources, "load_dapo", lambda source, split: (seen.append((source, split)) or [],
+                                                                   LoadReport(source, 0, 0, {})))
+    params = load_params("paper", ["data.max_prompt_tokens=null"])
     load_problems_for(params, "eval")
-    load_problems_for(params, "train")
-    assert seen == [("HuggingFaceH4/MATH-500", "test"), ("EleutherAI/hendrycks_math", "train")]
+    assert seen == [("HuggingFaceH4/MATH-500", "test")]
+    load_problems_for(params, "train")  # MATH train, DAPO, and MATH-500 to drop DAPO's copies of it
+    assert seen[1:] == [("EleutherAI/hendrycks_math", "train"), ("BytedTsinghua-SIA/DAPO-Math-17k", "train"),
+                        ("HuggingFaceH4/MATH-500", "test")]
+
+
+# ---- DAPO-Math-17k, the paper's mix, and the prompt budget ---------------------------------------
+# Small files in the real schemas: DAPO's verl rows (a chat-list prompt wrapping the problem in DAPO's own
+# instruction, reward_model.ground_truth, extra_info.index), MATH-500's and hendrycks_math's.
+
+MATH500_ROW = {"problem": "If $f(x) = 2x+1$, what is $f(3)$?", "solution": "$f(3)=\\boxed{7}$.", "answer": "7",
+               "subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json"}
+MATH_TRAIN_ROWS = [
+    {"problem": "If $x + 3 = 5$, what is $x$?", "level": "Level 1", "type": "Algebra",
+     "solution": "$x = \\boxed{2}$."},
+    {"problem": "What is $6 \\cdot 7$?", "level": "Level 2", "type": "Prealgebra", "solution": "$\\boxed{42}$"},
+]
+
+
+def _dapo_row(problem: str, answer: str, index: str) -> dict:
+    return {"data_source": "math_dapo", "ability": "MATH",
+            "prompt": [{"content": DAPO_PREFIX + problem + DAPO_SUFFIX, "role": "user"}],
+            "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
+            "extra_info": {"index": index}}
+
+
+DAPO_ROWS = [
+    *[_dapo_row("Find the number of positive divisors of $2024$.", "12", "a1")] * 3,  # the hub file repeats
+    _dapo_row("Find the number of  positive divisors of 2024.", "12", "a2"),  # the same, spaced differently
+    _dapo_row("If f(x) = 2x+1, what is f(3)?", "7", "b"),                     # a MATH-500 problem
+    _dapo_row("How many primes are below $30$?", "", "c"),                    # no answer
+    _dapo_row("If x+3 = 5, what is x?", "2", "d"),                            # a MATH train problem
+    _dapo_row("Let $n$ be the least integer with $n^2 > 2000$. Find $n$.", "45", "e"),
+]
+
+
+def _write_parquet(path: Path, rows: list) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture
+def paper_files(tmp_path):
+    return {"data.dapo_train_path": _write_parquet(tmp_path / "dapo-math-17k.parquet", DAPO_ROWS),
+            "data.math_eval_path": _write_jsonl(tmp_path / "math500.jsonl", [MATH500_ROW]),
+            "data.math_train_path": _write_jsonl(tmp_path / "math_train.jsonl", MATH_TRAIN_ROWS)}
+
+
+def _paper_params(tmp_path, files, *extra):
+    """The paper profile on the small files; its tokenizer is not on this machine (offline), so chars/4."""
+    return load_params("paper", [f"run.output_root={tmp_path / 'runs'}", *(f"{k}={v}" for k, v in files.items()),
+                                 "model.name_or_path=lens-tests/no-such-model", *extra])
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_dapo_rows_are_normalised_and_deduplicated(tmp_path, suffix):
+    path = tmp_path / f"dapo{suffix}"
+    _write_parquet(path, DAPO_ROWS) if suffix == ".parquet" else _write_jsonl(path, DAPO_ROWS)
+    problems, report = load_dapo(str(path))
+    assert [(p.id, p.problem, p.answer) for p in problems] == [
+        ("dapo-a1", "Find the number of positive divisors of $2024$.", "12"),
+        ("dapo-b", "If f(x) = 2x+1, what is f(3)?", "7"),
+        ("dapo-d", "If x+3 = 5, what is x?", "2"),
+        ("dapo-e", "Let $n$ be the least integer with $n^2 > 2000$. Find $n$.", "45")]
+    assert {(p.level, p.subject) for p in problems} == {(UNRATED_LEVEL, "dapo")}  # DAPO has no difficulty levels
+    assert report.dropped == {"duplicate_problem": 3, "no_answer": 1} and _consistent(report)
+    assert "normalised text" in report.rules["duplicate_problem"]
+
+
+def test_dapo_source_drops_the_eval_sets_problems_and_has_no_eval_split(tmp_path, paper_files):
+    params = _paper_params(tmp_path, paper_files, "data.train_source=dapo", "data.levels=[1]")
+    train, (report,) = load_problems_for(params, "train")
+    assert [p.id for p in train] == ["dapo-a1", "dapo-d", "dapo-e"]  # unrated: data.levels does not filter them
+    assert report.dropped == {"duplicate_problem": 3, "no_answer": 1, "duplicate_of_eval": 1}
+    assert report.rules["duplicate_of_eval"].endswith("data.eval_source=math") and _consistent(report)
+    with pytest.raises(ValueError, match="only a train split: set data.eval_source"):
+        load_problems_for(_paper_params(tmp_path, paper_files, "data.eval_source=dapo"), "eval")
+
+
+def test_the_paper_mix_is_math_train_plus_dapo_and_prepare_counts_every_drop(tmp_path, paper_files):
+    from lens import stages
+
+    params = _paper_params(tmp_path, paper_files)
+    assert params.data.train_source == "math_dapo" and params.data.max_prompt_tokens == 1024
+    summary = stages.prepare(params)
+    train = read_problems(params.data_dir / "train.jsonl")
+    assert [p.id for p in train] == ["math_train-000000", "math_train-000001", "dapo-a1", "dapo-e"]
+    assert [p.id for p in read_problems(params.data_dir / "eval.jsonl")] == ["test/algebra/1.json"]
+    report = json.loads((params.data_dir / "report.json").read_text())
+    assert report == summary and report["splits"]["train"]["levels"] == {"0": 2, "1": 1, "2": 1}
+    _, dapo_report = report["splits"]["train"]["sources"]
+    assert dapo_report["dropped"] == {"duplicate_problem": 3, "no_answer": 1, "duplicate_of_eval": 1,
+                                      "duplicate_of_math_train": 1}
+    assert dapo_report["rules"]["prompt_too_long"] == (
+        "prompt longer than 1024 characters/4 of the user message (the model's tokenizer was not available)")
+
+
+def test_prompts_over_the_budget_are_dropped_and_counted(tmp_path, paper_files):
+    # chars/4 of "<problem> <instruction>": the instruction alone is 71 characters, 18 "tokens".
+    lengths = {p["problem"]: -(-(len(p["problem"]) + 72) // 4) for p in MATH_TRAIN_ROWS}
+    budget = min(lengths.values())
+    params = _paper_params(tmp_path, paper_files, f"data.max_prompt_tokens={budget}", "data.train_source=math")
+    train, (report,) = load_problems_for(params, "train")
+    assert [p.problem for p in train] == [q for q, n in lengths.items() if n <= budget] and len(train) == 1
+    assert report.dropped == {"prompt_too_long": 1} and _consistent(report)
+
+
+def test_the_budget_counts_tokens_of_the_profiles_tokenizer(tmp_path):
+    """The tiny profile's character tokenizer: `Q: 12+34\nA: ` is 12 tokens; L1 (10) and L2/L4 (11) fit in 11."""
+    params = load_params("tiny", ["data.synthetic.train_per_level=20", "data.max_prompt_tokens=11"])
+    train, (report,) = load_problems_for(params, "train")
+    assert {p.level for p in train} == {1, 2, 4} and report.dropped == {"prompt_too_long": 40}
+    assert report.rules["prompt_too_long"] == "prompt longer than 11 tokens of the warm_start tokenizer, plain template"
+
+
+def test_a_chat_template_prompt_is_measured_as_rendered(tmp_path):
+    from lens.data.prompt_budget import prompt_measure
+    from tests.test_prompt import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    params = load_params("paper", [f"model.name_or_path={tmp_path / 'tok'}"])
+    measure, unit = prompt_measure(params)
+    problems = synthetic_problems("eval", 2, seed=0, levels=[3])
+    rendered = [render_prompt(p, tok, params.model.prompt) for p in problems]
+    assert measure(problems) == [len(tok(r, add_special_tokens=False)["input_ids"]) for r in rendered]
+    assert unit == f"tokens of the {tmp_path / 'tok'} tokenizer, chat template"
 
 
 # ---- the registry of data sources and the default datasets -------------------------------------
 
 def test_builtin_sources_are_registered_and_params_accept_only_registered_names():
-    assert set(source_names()) >= {"synthetic", "math", "gsm8k", "mixture"}
+    assert set(source_names()) >= {"synthetic", "math", "gsm8k", "mixture", "dapo", "math_dapo"}
     for key in ("train_source", "eval_source"):
-        with pytest.raises(ParamsError, match=rf"data\.{key}: .*unknown data source 'maths'.*gsm8k, math, mixture"):
+        with pytest.raises(ParamsError, match=rf"data\.{key}: .*unknown data source 'maths'.*dapo, gsm8k, math, math_dapo, mixture"):
             load_params("tiny", [f"data.{key}=maths"])
 
 
@@ -490,7 +615,8 @@ from lens.data import DataUnavailableError, load_problems_for
 from lens.params import load_params
 
 errors = {}
-for source, split in (("math", "train"), ("math", "eval"), ("gsm8k", "train"), ("mixture", "eval")):
+for source, split in (("math", "train"), ("math", "eval"), ("gsm8k", "train"), ("mixture", "eval"),
+                      ("dapo", "train")):
     try:
         load_problems_for(load_params("tiny", [f"data.{split}_source={source}"]), split)
     except DataUnavailableError as exc:
@@ -506,7 +632,8 @@ def test_offline_default_hub_datasets_not_in_the_cache_fail_naming_the_key(tmp_p
                          capture_output=True, text=True, check=True)
     errors = json.loads(out.stdout.splitlines()[-1])
     keys = {"math/train": "math_train_path", "math/eval": "math_eval_path", "gsm8k/train": "gsm8k_train_path",
-            "mixture/eval": "gsm8k_eval_path"}  # a mixture reads GSM8K before MATH
+            "mixture/eval": "gsm8k_eval_path",  # a mixture reads GSM8K before MATH
+            "dapo/train": "dapo_train_path"}
     assert set(errors) == set(keys)
     for case, key in keys.items():
         assert re.match(rf"data\.{key}: cannot load '[\w/-]+' \(ConnectionError", errors[case]), errors[case]

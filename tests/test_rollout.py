@@ -131,3 +131,26 @@ def test_rollout_logprobs_agree_with_the_trainer_forward_pass(tmp_path):
             lp, _ = token_logprobs_and_entropy(logits, seq[:, 1:], temperature)
             trainer_lp = lp[0, len(r.prompt_ids) - 1:]
             assert torch.allclose(trainer_lp, torch.tensor(r.logprobs), atol=1e-4), (trainer_lp, r.logprobs)
+
+
+def test_with_a_chat_template_the_engine_also_stops_at_the_end_of_turn_token():
+    """Qwen2.5 base lists only <|endoftext|> as EOS; its ChatML turns end with <|im_end|>, where a completion
+    must end too (otherwise the model writes the next turn and the verifier reads its numbers)."""
+    from lens.data import Problem, render_prompt
+    from lens.params import PromptParams
+    from lens.tiny_model import build_tiny_model
+    from tests.test_prompt import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    # A policy that always ends its turn at once: logits are a bias on <|im_end|>.
+    model.lm_head = torch.nn.Linear(32, len(tok), bias=True)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    with torch.no_grad():
+        model.lm_head.bias.zero_()[im_end] = 50.0
+    engine = HFEngine(model, tok)
+    assert engine.eos_ids == {tok.eos_token_id, im_end}
+    prompt = render_prompt(Problem("p", "1+2", "3", 1, "arithmetic"), tok, PromptParams(template="chat"))
+    out = engine.generate([prompt], 2, SamplingConfig(max_new_tokens=8, seed=0))
+    assert [(r.completion_ids, r.truncated, r.text) for r in out] == [([im_end], False, "")] * 2

@@ -75,6 +75,8 @@ def test_converted_model_reloads_and_renders_chat_prompts(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lens.data import INSTRUCTION, Problem, render_prompt
+    from lens.params import PromptParams, load_params
+    from lens.rollout.base import eos_token_ids
 
     model_dir, _ = converted
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
@@ -82,11 +84,15 @@ def test_converted_model_reloads_and_renders_chat_prompts(converted):
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     assert tok.eos_token == "<|im_end|>"
-    prompt = render_prompt(Problem("p", "What is 2 + 3?", "5", 1, "synthetic"), tok, chat_template=True)
-    assert "<|im_start|>user\nWhat is 2 + 3?\n" + INSTRUCTION in prompt
+    assert tok.convert_tokens_to_ids("<|im_end|>") in eos_token_ids(model, tok)
+    prompt = render_prompt(Problem("p", "What is 2 + 3?", "5", 1, "synthetic"), tok,
+                           load_params("smollm2").model.prompt)
+    assert "<|im_start|>user\nWhat is 2 + 3? " + INSTRUCTION + "<|im_end|>\n" in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
-    # The weights are the model's, not a random init: it continues a chat coherently (greedy, 8 tokens).
-    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    # The weights are the model's, not a random init: it answers a bare question coherently (greedy, 8 tokens;
+    # with the paper's "think step by step" it would take longer to reach the answer).
+    bare = render_prompt(Problem("p", "What is 2 + 3?", "5", 1, "synthetic"), tok, PromptParams(template="chat"))
+    enc = tok(bare, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert "5" in tok.decode(out[0, enc["input_ids"].shape[1]:])
@@ -188,6 +194,13 @@ def test_smollm2_profile_rl_smoke_run(converted, cache, tmp_path):
     train_sources = {s["source"] for s in prepared["splits"]["train"]["sources"]}
     assert len(train_sources) == 3, train_sources  # synthetic, GSM8K and MATH all contribute
     summary = stages.train(params)
+    # The profile's prompt (model.prompt): the paper's instruction inside SmolLM2's chat template.
+    import pyarrow.parquet as pq
+
+    from lens.data import INSTRUCTION
+
+    prompts = pq.read_table(min((params.algo_dir() / "rollouts").glob("step-*.parquet")))["prompt"].to_pylist()
+    assert all(p.startswith("<|im_start|>") and f" {INSTRUCTION}<|im_end|>" in p for p in prompts)
     rows = [json.loads(line) for line in (params.algo_dir() / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:

@@ -7,6 +7,7 @@ import random
 from typing import TYPE_CHECKING
 
 from lens.data.problems import LoadReport, Problem
+from lens.data.prompt_budget import drop_long_prompts
 from lens.data.registry import SourcePart, get_source
 
 if TYPE_CHECKING:
@@ -47,14 +48,16 @@ def _cap_per_level(problems: list[Problem], report: LoadReport, n: int, seed: st
 def load_problems_for(params: Params, split: str) -> tuple[list[Problem], list[LoadReport]]:
     """The train or eval problems that `params` selects, with one report per dataset read.
 
-    data.train_source / data.eval_source name a registered source (lens.data.registry). Eval keeps at
-    most max_eval_problems_per_level per dataset and level, train at most max_train_problems over all
+    data.train_source / data.eval_source name a registered source (lens.data.registry). Problems whose
+    prompt exceeds data.max_prompt_tokens go first (lens.data.prompt_budget). Eval then keeps at most
+    max_eval_problems_per_level per dataset and level, train at most max_train_problems over all
     datasets; both choose by a shuffle seeded with run.seed and keep the original order.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     data = params.data
     parts = get_source(data.train_source if split == "train" else data.eval_source)(params, split)
+    parts = drop_long_prompts(parts, params)
 
     seed = f"{params.run.seed}|{split}"
     if split == "eval" and data.max_eval_problems_per_level is not None:

@@ -1,4 +1,4 @@
-"""MATH and GSM8K from a local .jsonl/.parquet file or a Hugging Face hub id, normalised to `Problem`.
+"""MATH, GSM8K and DAPO-Math-17k from a local .jsonl/.parquet file or a hub id, normalised to `Problem`.
 
 Loaders never drop a row silently: each unusable row (no level, no answer, no problem text, a duplicate
 id, unparsable JSON) is counted by reason in a `LoadReport` and logged as a warning, because real MATH
@@ -11,17 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lens.data.boxed import last_boxed
-from lens.data.problems import LoadReport, Problem
+from lens.data.problems import UNRATED_LEVEL, LoadReport, Problem
 
 log = logging.getLogger(__name__)
 
 HENDRYCKS_MATH = "EleutherAI/hendrycks_math"
+# DAPO-Math-17k wraps each problem in this instruction (an `Answer:` line, not a box); we keep the problem.
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the "
+               "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 # The hub publishes this dataset as one config per subject; the order fixes the concatenation order.
 HENDRYCKS_CONFIGS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                      "number_theory", "prealgebra", "precalculus")
@@ -136,6 +141,52 @@ def _gsm8k_problem(row: Mapping[str, Any], fallback_id: str) -> Problem:
     return Problem(fallback_id, question, answer, 1, "gsm8k")
 
 
+def normalized_text(text: str) -> str:
+    """The key two problems are duplicates on: NFKC, case-folded, without whitespace and `$` delimiters."""
+    return re.sub(r"[\s$]+", "", unicodedata.normalize("NFKC", text)).casefold()
+
+
+def drop_duplicates_of(problems: list[Problem], report: LoadReport, others: Iterable[Problem], reason: str,
+                       rule: str) -> list[Problem]:
+    """Drop the problems whose normalised text is one of `others`' (e.g. the eval set's), counted as `reason`."""
+    taken = {normalized_text(p.problem) for p in others}
+    kept = [p for p in problems if normalized_text(p.problem) not in taken]
+    report.drop(reason, len(problems) - len(kept), rule)
+    return kept
+
+
+def _dapo_problem_text(prompt: Any) -> str:
+    """The problem inside DAPO's chat-list prompt: the user turn without DAPO's own instruction around it."""
+    turns = prompt if isinstance(prompt, list) else []
+    content = next((t.get("content") for t in turns if isinstance(t, Mapping) and t.get("role") == "user"), None)
+    text = str(content or "").strip()
+    return text.removeprefix(DAPO_PREFIX.strip()).removesuffix(DAPO_SUFFIX.strip()).strip()
+
+
+def _dapo_converter() -> Callable[[Mapping[str, Any], str], Problem]:
+    """A DAPO row converter that also skips repeats of a problem already seen (the hub file holds each
+    problem many times over: 1.79M rows for ~17k problems)."""
+    seen: set[str] = set()
+
+    def convert(row: Mapping[str, Any], fallback_id: str) -> Problem:
+        problem = _dapo_problem_text(row.get("prompt"))
+        if not problem:
+            raise _Skip("missing_problem")
+        reward_model = row.get("reward_model")
+        answer = _text(reward_model, "ground_truth") if isinstance(reward_model, Mapping) else ""
+        if not answer:
+            raise _Skip("no_answer")
+        key = normalized_text(problem)
+        if key in seen:
+            raise _Skip("duplicate_problem")
+        seen.add(key)
+        extra = row.get("extra_info")
+        index = _text(extra, "index") if isinstance(extra, Mapping) else ""
+        return Problem(f"dapo-{index}" if index else fallback_id, problem, answer, UNRATED_LEVEL, "dapo")
+
+    return convert
+
+
 def _collect(
     rows: Sequence[dict[str, Any] | None],
     source: str,
@@ -192,3 +243,20 @@ def load_gsm8k(
     """GSM8K from a local .jsonl/.parquet or a hub id (config "main"); every problem is level 1, subject "gsm8k"."""
     rows = _read_rows(source, split, (GSM8K_HUB_CONFIG,))
     return _collect(rows, source, f"gsm8k-{_id_prefix(source, split)}", _gsm8k_problem, levels)
+
+
+def load_dapo(source: str, split: str = "train") -> tuple[list[Problem], LoadReport]:
+    """DAPO-Math-17k (verl schema: `prompt` a chat list, `reward_model.ground_truth` the answer) from a local
+    .jsonl/.parquet or a hub id; repeated problems (same normalised text) are dropped as duplicate_problem.
+
+    Its problems have no difficulty rating: level UNRATED_LEVEL (0), subject "dapo".
+    """
+    if is_local(source):
+        rows: Sequence[dict[str, Any] | None] = _read_local(Path(source))
+    else:
+        import datasets
+
+        rows = datasets.load_dataset(source, split=split)  # iterated lazily: the file has 1.79M rows
+    problems, report = _collect(rows, source, f"dapo-{_id_prefix(source, split)}", _dapo_converter(), None)
+    report.rules["duplicate_problem"] = "the normalised text (lens.data.loaders.normalized_text) of an earlier row"
+    return problems, report

@@ -1,4 +1,8 @@
-"""The `Problem` record every source is normalised to, its jsonl files, and the prompts rendered from it."""
+"""The `Problem` record every source is normalised to, its jsonl files, and the prompts rendered from it.
+
+A prompt is the user message (the problem, then `model.prompt.instruction` after a space, as verl's MATH
+preprocessing does) rendered through the plain `Q: ... A: ` template or the tokenizer's chat template.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,15 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lens.params import PromptParams
 
 PLAIN_TEMPLATE = "Q: {problem}\nA: "
-INSTRUCTION = "Put your final answer within \\boxed{}."
+# verl's MATH prompt (examples/data_preprocess/math_dataset.py), the paper's framework.
+INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+UNRATED_LEVEL = 0  # the level of problems without a difficulty rating (DAPO-Math-17k); MATH's are 1..5
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,7 @@ class LoadReport:
     rows: int
     kept: int
     dropped: dict[str, int] = field(default_factory=dict)
+    rules: dict[str, str] = field(default_factory=dict)  # how a deliberate selection decided, by reason
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,8 +47,11 @@ class LoadReport:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
         return f"{self.source}: {self.rows} rows, {self.kept} kept, dropped: {reasons}"
 
-    def drop(self, reason: str, count: int = 1) -> None:
-        """Move `count` kept rows to `reason` (used by filters applied after loading)."""
+    def drop(self, reason: str, count: int = 1, rule: str | None = None) -> None:
+        """Move `count` kept rows to `reason` (used by filters applied after loading); `rule` says how the
+        filter decided, for report.json."""
+        if rule is not None:
+            self.rules[reason] = rule
         if count:
             self.dropped[reason] = self.dropped.get(reason, 0) + count
             self.kept -= count
@@ -56,11 +69,26 @@ def read_problems(path: str | os.PathLike[str]) -> list[Problem]:
         return [Problem(**json.loads(line)) for line in f if line.strip()]
 
 
-def render_prompt(problem: Problem, tokenizer: Any = None, chat_template: bool = False) -> str:
-    """The plain `Q: ... A: ` prompt of the tiny model, or the tokenizer's chat template with INSTRUCTION."""
-    if not chat_template:
-        return PLAIN_TEMPLATE.format(problem=problem.problem)
+def user_message(problem: Problem, instruction: str = "") -> str:
+    """The problem, then the instruction after a space (verl: `question + ' ' + instruction_following`)."""
+    return f"{problem.problem} {instruction}" if instruction else problem.problem
+
+
+def render_prompt(problem: Problem, tokenizer: Any = None, prompt: PromptParams | bool | None = None) -> str:
+    """The prompt `prompt` (model.prompt; None: plain, no instruction) makes of `problem`.
+
+    plain: PLAIN_TEMPLATE around the user message, no tokenizer needed. chat: the tokenizer's chat template
+    with the user message as the only turn and the assistant's turn opened. A bool is the former
+    `model.chat_template` flag (True: chat with INSTRUCTION), accepted while callers move to model.prompt.
+    """
+    if isinstance(prompt, bool):
+        template, instruction = ("chat", INSTRUCTION) if prompt else ("plain", "")
+    else:
+        template, instruction = (prompt.template, prompt.instruction) if prompt is not None else ("plain", "")
+    message = user_message(problem, instruction)
+    if template == "plain":
+        return PLAIN_TEMPLATE.format(problem=message)
     if tokenizer is None:
-        raise ValueError("chat_template=True needs a tokenizer")
-    messages = [{"role": "user", "content": problem.problem + "\n" + INSTRUCTION}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        raise ValueError("model.prompt.template=chat needs the model's tokenizer to render a prompt")
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)

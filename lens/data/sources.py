@@ -1,4 +1,5 @@
-"""The built-in data sources: synthetic, math, gsm8k, and mixture (synthetic + GSM8K + MATH).
+"""The built-in data sources: synthetic, math, gsm8k, mixture (synthetic + GSM8K + MATH), dapo
+(DAPO-Math-17k, train only) and math_dapo (the paper's MATH train + DAPO-Math-17k; eval: MATH-500).
 
 MATH and GSM8K come from the data.*_path keys: a hub id (the defaults) or a local .jsonl/.parquet file.
 A dataset that cannot be read fails naming the key to change, because offline (HF_HUB_OFFLINE=1) a hub id
@@ -11,9 +12,16 @@ import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from lens.data.loaders import LOCAL_SUFFIXES, is_local, load_gsm8k, load_math
+from lens.data.loaders import (
+    LOCAL_SUFFIXES,
+    drop_duplicates_of,
+    is_local,
+    load_dapo,
+    load_gsm8k,
+    load_math,
+)
 from lens.data.problems import LoadReport, Problem
-from lens.data.registry import SourcePart, register_source
+from lens.data.registry import SourcePart, get_source, register_source
 from lens.data.synthetic import synthetic_problems
 
 if TYPE_CHECKING:
@@ -45,14 +53,31 @@ def _unavailable(key: str, source: str, exc: Exception) -> DataUnavailableError:
     return DataUnavailableError(f"{key}: cannot load {source!r} ({type(exc).__name__}: {exc}); {fix}")
 
 
-def _dataset_part(params: Params, split: str, dataset: str, load: DatasetLoader) -> SourcePart:
-    """`dataset` ("math", "gsm8k") of the split from data.<dataset>_<split>_path, filtered to data.levels."""
-    key = f"{dataset}_{split}_path"
+def _load(params: Params, key: str, load: Callable[..., tuple[list[Problem], LoadReport]], *args) -> SourcePart:
+    """load(<data.key resolved>, *args), failing with the key's name when the dataset cannot be read."""
     source = _locate(params, getattr(params.data, key))
     try:
-        return SourcePart(*load(source, HUB_SPLIT[split], params.data.levels))
+        return SourcePart(*load(source, *args))
     except (OSError, ValueError) as exc:  # missing file or hub dataset, offline, unsupported file type
         raise _unavailable(f"data.{key}", source, exc) from exc
+
+
+def _dataset_part(params: Params, split: str, dataset: str, load: DatasetLoader) -> SourcePart:
+    """`dataset` ("math", "gsm8k") of the split from data.<dataset>_<split>_path, filtered to data.levels."""
+    return _load(params, f"{dataset}_{split}_path", load, HUB_SPLIT[split], params.data.levels)
+
+
+def _dapo_part(params: Params, split: str) -> SourcePart:
+    """DAPO-Math-17k without repeats and without the problems of the eval set (data.eval_source)."""
+    if split != "train":
+        raise ValueError("DAPO-Math-17k has only a train split: set data.eval_source to another source "
+                         "(the paper evaluates on MATH-500: math)")
+    problems, report = _load(params, "dapo_train_path", load_dapo, HUB_SPLIT[split])
+    eval_source = params.data.eval_source
+    eval_problems = [p for part in get_source(eval_source)(params, "eval") for p in part.problems]
+    problems = drop_duplicates_of(problems, report, eval_problems, "duplicate_of_eval",
+                                  f"the normalised text of a problem of data.eval_source={eval_source}")
+    return SourcePart(problems, report)
 
 
 def _synthetic_part(params: Params, split: str, levels: Iterable[int]) -> SourcePart:
@@ -84,3 +109,20 @@ def mixture_source(params: Params, split: str) -> list[SourcePart]:
     """Synthetic at data.mixture_synthetic_levels, then GSM8K and MATH at data.levels."""
     return [_synthetic_part(params, split, params.data.mixture_synthetic_levels),
             *gsm8k_source(params, split), *math_source(params, split)]
+
+
+@register_source("dapo")
+def dapo_source(params: Params, split: str) -> list[SourcePart]:
+    return [_dapo_part(params, split)]
+
+
+@register_source("math_dapo")
+def math_dapo_source(params: Params, split: str) -> list[SourcePart]:
+    """The paper's data: MATH train + DAPO-Math-17k (less the problems MATH train already has); eval: MATH."""
+    math = math_source(params, split)
+    if split != "train":
+        return math
+    dapo = _dapo_part(params, split)
+    problems = drop_duplicates_of(dapo.problems, dapo.report, math[0].problems, "duplicate_of_math_train",
+                                  "the normalised text of a problem of data.math_train_path")
+    return [*math, SourcePart(problems, dapo.report)]

@@ -1,13 +1,15 @@
 """A seeded arithmetic curriculum in five levels, with train and eval disjoint by construction.
 
 Each level draws (expression, value) pairs. The difficulty rises with the digits a character-level
-model must carry and the operations it must compose, not with the length of the text.
+model must carry and the operations it must compose, not with the length of the text. The split is
+decided on the expression's canonical form, so `12*3` (train) never answers `3*12` (eval).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 from lens.data.problems import Problem
@@ -66,9 +68,24 @@ SYNTHETIC_SPLITS = ("train", "eval")
 EVAL_SHARE_PERCENT = 20  # share of each level's expression space reserved for eval
 
 
+_SIGNED_TERM = re.compile(r"([+-]?)([^+-]+)")
+
+
+def canonical_form(expression: str) -> str:
+    """The expression up to commutativity: its signed terms sorted, each product's factors sorted.
+
+    `3*12` and `12*3` give "+3*12"; `12+37*8-45` and `37*8+12-45` give "+12+8*37-45". Expressions with the
+    same form have the same value by the same steps, so they must not straddle train and eval.
+    """
+    terms = [(sign or "+") + "*".join(sorted(term.split("*"), key=int))
+             for sign, term in _SIGNED_TERM.findall(expression)]
+    return "".join(sorted(terms))
+
+
 def synthetic_split_of(expression: str, seed: int) -> str:
-    """The split an expression belongs to, by a seeded hash: train and eval are disjoint by construction."""
-    digest = hashlib.blake2b(f"{seed}|{expression}".encode(), digest_size=8).digest()
+    """The split an expression belongs to, by a seeded hash of its canonical form: train and eval are
+    disjoint by construction, also up to commutativity."""
+    digest = hashlib.blake2b(f"{seed}|{canonical_form(expression)}".encode(), digest_size=8).digest()
     return "eval" if int.from_bytes(digest, "big") % 100 < EVAL_SHARE_PERCENT else "train"
 
 

@@ -53,7 +53,28 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """The token the tokenizer's chat template closes a turn with (ChatML `<|im_end|>`, Llama 3 `<|eot_id|>`),
+    found as the special token that follows an assistant message; empty without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return set()
+    from jinja2 import TemplateError
+
+    marker = "LENS-END-OF-TURN-PROBE"
+    turns = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except TemplateError:  # a template that refuses this conversation: no end-of-turn to learn from it
+        return set()
+    after = tokenizer.encode(text.partition(marker)[2], add_special_tokens=False)[:1]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return {after[0]} if after and after[0] in special else set()
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
+    """Where a completion ends: the EOS ids of the model's generation config and the tokenizer, plus the chat
+    template's end-of-turn token (a base model such as Qwen2.5 ends a ChatML turn with `<|im_end|>` but
+    lists only `<|endoftext|>` as EOS; text after an end-of-turn is a new turn, whatever the prompt)."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
         eos = getattr(source, "eos_token_id", None)
@@ -62,7 +83,7 @@ def eos_token_ids(model, tokenizer) -> set[int]:
         ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     if not ids:
         raise ValueError("the model/tokenizer define no EOS token: completions could never end")
-    return ids
+    return ids | end_of_turn_ids(tokenizer)
 
 
 def cut_at_eos(ids: list[int], logprobs: list[float], eos_ids: set[int]) -> tuple[list[int], list[float], bool]:
