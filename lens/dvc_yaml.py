@@ -119,6 +119,8 @@ stages:
       - profiles.${{profile}}
       - run.seed
       - data
+      - model.source    # data.max_prompt_tokens measures prompts as the model renders them
+      - model.prompt
     outs:
       - {root}/data
 

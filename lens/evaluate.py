@@ -294,7 +294,7 @@ def evaluate_engine(params, engine, tokenizer, problems) -> dict[str, Any]:
     from lens.verify import Verifier
 
     ev = params.eval
-    prompts = [render_prompt(p, tokenizer, params.model.chat_template) for p in problems]
+    prompts = [render_prompt(p, tokenizer, params.model.prompt) for p in problems]
     golds = [p.answer for p in problems]
     t0 = time.perf_counter()
     with Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers) as verifier:

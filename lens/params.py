@@ -118,11 +118,6 @@ class ModelParams(Section):
     cache_dir: str | None = Field(None, description="Where converted models are cached (None: XDG cache).")
     tiny: TinyModelParams = TinyModelParams()
 
-    @property
-    def chat_template(self) -> bool:
-        """Transitional: the former flag, for callers not yet passing `prompt` to render_prompt."""
-        return self.prompt.template == "chat"
-
 
 class WarmStartParams(Section):
     enabled: bool = Field(True, description="Run the supervised warm start (tiny profile).")

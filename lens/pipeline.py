@@ -148,11 +148,13 @@ def publish_evaluation(params: Params, tracker: Tracker, runner: Runner, summary
 
 def publish_policy(params: Params, tracker: Tracker, runner: Runner) -> str | None:
     """The final policy as an MLflow model, registered as tracking.registered_model_name@<arm>."""
-    from lens.data import PLAIN_TEMPLATE
+    from lens.data import PLAIN_TEMPLATE, Problem, user_message
     from lens.model_registry import log_policy
 
     arm = params.train.algo
-    template = None if params.model.chat_template else PLAIN_TEMPLATE.replace("{problem}", "{prompt}")
+    prompt = params.model.prompt  # MLflow's text-generation template, for a plain prompt
+    template = None if prompt.template == "chat" else PLAIN_TEMPLATE.format(
+        problem=user_message(Problem("", "{prompt}", "", 0, ""), prompt.instruction))
     version = log_policy(tracker, RunFiles(params.algo_dir(arm)).final, arm, prompt_template=template,
                          max_new_tokens=params.eval.max_new_tokens)
     if version:

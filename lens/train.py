@@ -182,8 +182,7 @@ class Trainer:
     def rollout(self, step: int | None = None) -> RolloutBatch:
         step = self.state.step if step is None else step
         problems = self.step_problems(step)
-        chat = self.params.model.chat_template
-        prompts = [render_prompt(p, self.tokenizer, chat) for p in problems]
+        prompts = [render_prompt(p, self.tokenizer, self.params.model.prompt) for p in problems]
         rp = self.params.rollout
         sampling = SamplingConfig(temperature=rp.temperature, top_p=rp.top_p, max_new_tokens=rp.max_new_tokens,
                                   seed=_step_seed(self.params.run.seed, step, self.rank))

@@ -57,14 +57,6 @@ def test_a_chat_template_renders_one_user_turn_and_opens_the_assistant_turn():
         render_prompt(PROBLEM, None, PAPER)
 
 
-def test_the_former_chat_template_flag_still_renders_the_paper_prompt():
-    """Transitional: callers that pass params.model.chat_template (a bool) get the same prompt."""
-    tok = chatml_tokenizer()
-    assert render_prompt(PROBLEM, tok, True) == render_prompt(PROBLEM, tok, PAPER)
-    assert render_prompt(PROBLEM, tok, False) == render_prompt(PROBLEM)
-    assert load_params("smollm2").model.chat_template and not load_params("tiny").model.chat_template
-
-
 @pytest.mark.parametrize("profile", ["paper", "smollm2", "paper_llama"])
 def test_the_paper_and_smollm2_profiles_use_the_paper_prompt_through_the_chat_template(profile):
     assert load_params(profile).model.prompt == PAPER

@@ -74,17 +74,13 @@ def user_message(problem: Problem, instruction: str = "") -> str:
     return f"{problem.problem} {instruction}" if instruction else problem.problem
 
 
-def render_prompt(problem: Problem, tokenizer: Any = None, prompt: PromptParams | bool | None = None) -> str:
+def render_prompt(problem: Problem, tokenizer: Any = None, prompt: PromptParams | None = None) -> str:
     """The prompt `prompt` (model.prompt; None: plain, no instruction) makes of `problem`.
 
     plain: PLAIN_TEMPLATE around the user message, no tokenizer needed. chat: the tokenizer's chat template
-    with the user message as the only turn and the assistant's turn opened. A bool is the former
-    `model.chat_template` flag (True: chat with INSTRUCTION), accepted while callers move to model.prompt.
+    with the user message as the only turn and the assistant's turn opened.
     """
-    if isinstance(prompt, bool):
-        template, instruction = ("chat", INSTRUCTION) if prompt else ("plain", "")
-    else:
-        template, instruction = (prompt.template, prompt.instruction) if prompt is not None else ("plain", "")
+    template, instruction = (prompt.template, prompt.instruction) if prompt is not None else ("plain", "")
     message = user_message(problem, instruction)
     if template == "plain":
         return PLAIN_TEMPLATE.format(problem=message)
