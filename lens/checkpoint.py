@@ -47,6 +47,17 @@ def check_fsdp_support(params, fsdp: bool, fsdp2: bool) -> None:
                          "the DDP config (infra/accelerate/README.md)")
 
 
+def check_master_weights(params) -> None:
+    """Refuse to train weights AdamW would update in place in half precision (updates round away)."""
+    if params.model.dtype != "float32":
+        from lens.params import ParamsError
+
+        raise ParamsError(
+            f"model.dtype={params.model.dtype}: the trainer would update {params.model.dtype} weights in place, and "
+            f"AdamW steps below a weight's spacing round away at RL learning rates; train with fp32 master "
+            f"weights and {params.model.dtype} compute: model.dtype=float32 model.compute_dtype={params.model.dtype}")
+
+
 class Checkpointer:
     """Saves and restores (model, optimizer, scheduler, counters, RNG) under `directory`."""
 

@@ -121,6 +121,7 @@ stages:
       - data
       - model.source    # data.max_prompt_tokens measures prompts as the model renders them
       - model.prompt
+      - eval.extra_sets
     outs:
       - {root}/data
 
@@ -157,7 +158,7 @@ stages:
     do:
       cmd: ${{lens}} evaluate --algo ${{item}}
       deps:
-{_list(deps['evaluate'] + [root + '/data/eval.jsonl', root + '/${item}/final'], 8)}      params:
+{_list(deps['evaluate'] + [root + '/data', root + '/${item}/final'], 8)}      params:
 {_list(POLICY_PARAMS + ['eval'], 8)}      metrics:
         - {root}/${{item}}/eval.json
 

@@ -265,8 +265,10 @@ def read_eval(path: str | os.PathLike[str]) -> dict[str, Any]:
 # ---- evaluation of a policy (model-driven) -------------------------------------------------------
 
 
-def evaluate_policy(params, model_path: str | Path, problems, engine=None) -> dict[str, Any]:
-    """Load the policy at `model_path` and evaluate it (`evaluate_engine`) with the profile's engine."""
+def evaluate_policy(params, model_path: str | Path, problems, extra_sets: dict[str, list] | None = None,
+                    engine=None) -> dict[str, Any]:
+    """Load the policy at `model_path` and evaluate it (`evaluate_engine`) on `problems`, and on each of
+    `extra_sets` under "sets" (same sampling settings), with ONE engine (a vLLM start is costly)."""
     from lens.models import load_policy
     from lens.rollout import make_engine
 
@@ -274,7 +276,11 @@ def evaluate_policy(params, model_path: str | Path, problems, engine=None) -> di
     own_engine = engine is None
     engine = engine or make_engine(params, model, tokenizer)
     try:
-        return evaluate_engine(params, engine, tokenizer, problems)
+        summary = evaluate_engine(params, engine, tokenizer, problems)
+        if extra_sets:  # the main set stays at the top level
+            summary["sets"] = {name: evaluate_engine(params, engine, tokenizer, extra)
+                               for name, extra in extra_sets.items()}
+        return summary
     finally:
         if own_engine:
             engine.close()
@@ -328,13 +334,19 @@ def evaluate_engine(params, engine, tokenizer, problems) -> dict[str, Any]:
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """Flat `eval/...` metrics of a summary: its "metrics" plus each scope's CI bounds
-    (eval/acc_ci_low/_high, eval/acc_level_{L}_ci_low/_high)."""
+    (eval/acc_ci_low/_high, eval/acc_level_{L}_ci_low/_high), and per extra set (summary["sets"]) its
+    eval/<set>/acc, eval/<set>/acc_ci_low/_high and eval/<set>/pass_at_{k}."""
     metrics = dict(summary.get("metrics", {}))
     scopes = [("", summary.get("overall"))] + [(f"_level_{lv}", b) for lv, b in (summary.get("levels") or {}).items()]
     scopes += [(f"_{name}", b) for name, b in (summary.get("scopes") or {}).items()]
     for name, block in scopes:
         if block and "acc_ci" in block:
             metrics[f"eval/acc{name}_ci_low"], metrics[f"eval/acc{name}_ci_high"] = block["acc_ci"]
+    for name, extra in (summary.get("sets") or {}).items():
+        overall = extra["overall"]
+        metrics[f"eval/{name}/acc"] = overall["acc"]
+        metrics[f"eval/{name}/acc_ci_low"], metrics[f"eval/{name}/acc_ci_high"] = overall["acc_ci"]
+        metrics |= {f"eval/{name}/pass_at_{k}": v for k, v in overall["pass@k"].items()}
     return metrics
 
 

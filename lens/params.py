@@ -57,6 +57,12 @@ class DataParams(Section):
     dapo_train_path: str = Field(
         "BytedTsinghua-SIA/DAPO-Math-17k", description="DAPO-Math-17k (split train; it has no eval split): hub "
                                                        "id or local file in its verl schema.")
+    aime2024_path: str = Field(
+        "HuggingFaceH4/aime_2024", description="AIME 2024 (split train; eval only): hub id or local file with "
+                                               "columns id, problem, answer (rows of other years are left out).")
+    amc2023_path: str = Field(
+        "AI-MO/aimo-validation-amc", description="AMC 12 2023 (split train; eval only): hub id or local file with "
+                                                 "columns id, problem, answer, url (its 2022 rows are left out).")
     levels: list[int] = Field([1, 2, 3, 4, 5], description="Difficulty levels kept (1-5); unrated problems "
                                                            "(DAPO-Math-17k, level 0) are not filtered.")
     mixture_synthetic_levels: list[int] = Field(
@@ -235,6 +241,21 @@ class EvalParams(Section):
     every_steps: int | None = Field(
         None, ge=1, description="Also evaluate the policy during training every this many steps, as the paper's "
                                 "curves (None: only the final policy); <arm>/evals/step-NNNNNN.json.")
+    extra_sets: list[str] = Field(
+        [], description="Further evaluation sets (registered data sources, e.g. aime2024, amc2023): prepare writes "
+                        "data/eval_<name>.jsonl, evaluate reports each under \"sets\" in eval.json.")
+
+    @field_validator("extra_sets")
+    @classmethod
+    def _registered_sets(cls, names: list[str]) -> list[str]:
+        from lens.data.registry import source_names
+
+        unknown = [n for n in names if n not in source_names()]
+        if unknown:
+            raise ValueError(f"unknown data sources {unknown}; registered: {', '.join(source_names())}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"each set may be named once, got {names}")
+        return names
 
 
 class VerifyParams(Section):

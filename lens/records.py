@@ -167,6 +167,24 @@ ROLLOUT_COLUMNS = ("step", "problem_id", "level", "prompt", "completion", "rewar
                    "advantage", "num_tokens", "truncated", "sample", "rank")
 
 
+def rollout_columns(step: int, problems, prompts, rollouts, scored, group_size: int, rank: int) -> dict:
+    """A step's rollouts as ROLLOUT_COLUMNS (rollouts grouped by problem, G per group)."""
+    return {
+        "step": [step] * len(rollouts),
+        "problem_id": [problems[r.prompt_index].id for r in rollouts],
+        "level": [problems[r.prompt_index].level for r in rollouts],
+        "prompt": [prompts[r.prompt_index] for r in rollouts],
+        "completion": [r.text for r in rollouts],
+        "reward": scored.correct.flatten().tolist(),
+        "mean_logprob": scored.mean_logprob.flatten().tolist(),
+        "advantage": scored.advantages.flatten().tolist(),
+        "num_tokens": [len(r.completion_ids) for r in rollouts],
+        "truncated": [r.truncated for r in rollouts],
+        "sample": [i % group_size for i in range(len(rollouts))],
+        "rank": [rank] * len(rollouts),
+    }
+
+
 def write_rollouts(path: str | os.PathLike[str], columns: Mapping[str, Sequence[Any]]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq

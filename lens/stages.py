@@ -16,18 +16,28 @@ from lens.records import RunFiles, atomic_write_json, read_metrics
 log = logging.getLogger(__name__)
 
 
+def extra_eval_file(params: Params, name: str) -> Path:
+    """Where prepare writes the eval.extra_sets entry `name`."""
+    return params.data_dir / f"eval_{name}.jsonl"
+
+
 def prepare(params: Params) -> dict:
-    """Load, normalise and write the train/eval problems of the profile; report what was dropped."""
+    """Load, normalise and write the train/eval problems of the profile, and each of eval.extra_sets as
+    data/eval_<name>.jsonl (a split of its own in report.json); report what was dropped."""
     from lens.data import load_problems_for, write_problems
 
     out = params.data_dir
     summary: dict = {"profile": params.profile, "splits": {}}
-    for split in ("train", "eval"):
-        problems, reports = load_problems_for(params, split)
+    # (report.json split name, the loader's split, the source (None: the profile's), file, key to blame)
+    outputs = [(split, split, None, out / f"{split}.jsonl", f"data.{split}_source") for split in ("train", "eval")]
+    outputs += [(f"eval_{name}", "eval", name, extra_eval_file(params, name), "eval.extra_sets")
+                for name in params.eval.extra_sets]
+    for split, loader_split, source, path, key in outputs:
+        problems, reports = load_problems_for(params, loader_split, source)
         if not problems:
-            raise ValueError(f"data.{split}_source: no {split} problems left after loading and filtering "
+            raise ValueError(f"{key}: no {split} problems left after loading and filtering "
                              f"({'; '.join(r.summary() for r in reports)})")
-        write_problems(out / f"{split}.jsonl", problems)
+        write_problems(path, problems)
         levels: dict[str, int] = {}
         for p in problems:
             levels[str(p.level)] = levels.get(str(p.level), 0) + 1
@@ -64,7 +74,8 @@ def train(params: Params, resume: bool = False, max_steps: int | None = None, ca
 
 def evaluate(params: Params, algo: str | None = None, model_path: str | Path | None = None,
              out_path: str | Path | None = None) -> dict:
-    """Per-level accuracy and pass@k of <algo>/final (or `model_path`) on the eval split."""
+    """Per-level accuracy and pass@k of <algo>/final (or `model_path`) on the eval split, and on each of
+    eval.extra_sets under "sets" (each a `lens.evaluate.summarize` summary)."""
     from lens.data import read_problems
     from lens.evaluate import evaluate_policy, write_eval
 
@@ -74,9 +85,12 @@ def evaluate(params: Params, algo: str | None = None, model_path: str | Path | N
     if not (model_path / "config.json").exists():
         raise FileNotFoundError(f"no model at {model_path}: run `lens train --algo {algo}` first")
     eval_file = params.data_dir / "eval.jsonl"
-    if not eval_file.exists():
-        raise FileNotFoundError(f"{eval_file} not found: run `lens prepare --profile {params.profile}` first")
-    summary = evaluate_policy(params, model_path, read_problems(eval_file))
+    extra_files = {name: extra_eval_file(params, name) for name in params.eval.extra_sets}
+    for path in [eval_file, *extra_files.values()]:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `lens prepare --profile {params.profile}` first")
+    summary = evaluate_policy(params, model_path, read_problems(eval_file),
+                              {name: read_problems(path) for name, path in extra_files.items()})
     summary["model"] = str(model_path)
     summary["algo"] = algo
     if model_path == files.final:  # which policy the tables describe: the final one, after this many steps

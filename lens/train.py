@@ -24,12 +24,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
-from lens.checkpoint import Checkpointer, check_fsdp_support
+from lens.checkpoint import Checkpointer, check_fsdp_support, check_master_weights
 from lens.data import Problem, read_problems, render_prompt
 from lens.estimators import compute_advantages
 from lens.loss import policy_loss, token_logprobs_and_entropy
 from lens.models import load_policy
-from lens.records import ROLLOUT_COLUMNS, RunFiles, append_metrics, truncate_metrics, write_rollouts
+from lens.collate import MicroBatch, collate
+from lens.records import ROLLOUT_COLUMNS, RunFiles, append_metrics, rollout_columns, truncate_metrics, write_rollouts
 from lens.rollout import Rollout, SamplingConfig, make_engine
 from lens.step_stats import RolloutCounts, UpdateStats, reduce_over_processes
 from lens.verify import Verifier
@@ -73,17 +74,6 @@ class TrainState:
     updates: int = 0                   # optimiser updates applied
     skipped_updates: int = 0           # updates skipped for a non-finite loss (cumulative)
     consecutive_nonfinite: int = 0
-
-
-def check_master_weights(params) -> None:
-    """Refuse to train weights AdamW would update in place in half precision (updates round away)."""
-    if params.model.dtype != "float32":
-        from lens.params import ParamsError
-
-        raise ParamsError(
-            f"model.dtype={params.model.dtype}: the trainer would update {params.model.dtype} weights in place, and "
-            f"AdamW steps below a weight's spacing round away at RL learning rates; train with fp32 master "
-            f"weights and {params.model.dtype} compute: model.dtype=float32 model.compute_dtype={params.model.dtype}")
 
 
 def _step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
@@ -223,29 +213,8 @@ class Trainer:
 
     # ---- phase 3: policy update -----------------------------------------------------------------
     def _collate(self, rollouts: list[Rollout], advantages: torch.Tensor, idx: list[int],
-                 old_logprobs: list[torch.Tensor] | None = None):
-        """Right-padded prompt+completion tensors; targets are shifted by one (logits[t] predicts t+1).
-        pi_old is `old_logprobs` (recomputed) when given, else the engine's; the engine's are returned too."""
-        seqs = [rollouts[i].prompt_ids + rollouts[i].completion_ids for i in idx]
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(idx), width - 1))
-        engine_lp = torch.zeros((len(idx), width - 1))
-        old_lp = engine_lp if old_logprobs is None else torch.zeros((len(idx), width - 1))
-        for row, (i, seq) in enumerate(zip(idx, seqs)):
-            r = rollouts[i]
-            input_ids[row, :len(seq)] = torch.tensor(seq)
-            attention[row, :len(seq)] = 1
-            start, end = len(r.prompt_ids) - 1, len(seq) - 1
-            loss_mask[row, start:end] = 1
-            engine_lp[row, start:end] = torch.tensor(r.logprobs)
-            if old_logprobs is not None:
-                old_lp[row, start:end] = old_logprobs[i]
-        dev = self.accelerator.device
-        return (input_ids.to(dev), attention.to(dev), loss_mask.to(dev), old_lp.to(dev),
-                advantages[idx].to(dev), engine_lp.to(dev))
+                 old_logprobs: list[torch.Tensor] | None = None) -> MicroBatch:
+        return collate(rollouts, advantages, idx, self.tokenizer.pad_token_id, self.accelerator.device, old_logprobs)
 
     def _logprobs(self, model, input_ids, attention, with_entropy=False):
         with torch.autocast(self.accelerator.device.type, dtype=self.compute_dtype,
@@ -381,22 +350,9 @@ class Trainer:
 
     def save_rollouts(self, scored: ScoredBatch) -> None:
         """What the model wrote and what the algorithm did with it, one parquet file per step (main rank)."""
-        G = self.params.rollout.group_size
         b = scored.batch
-        columns = {
-            "step": [b.step] * len(b.rollouts),
-            "problem_id": [b.problems[r.prompt_index].id for r in b.rollouts],
-            "level": [b.problems[r.prompt_index].level for r in b.rollouts],
-            "prompt": [b.prompts[r.prompt_index] for r in b.rollouts],
-            "completion": [r.text for r in b.rollouts],
-            "reward": scored.correct.flatten().tolist(),
-            "mean_logprob": scored.mean_logprob.flatten().tolist(),
-            "advantage": scored.advantages.flatten().tolist(),
-            "num_tokens": [len(r.completion_ids) for r in b.rollouts],
-            "truncated": [r.truncated for r in b.rollouts],
-            "sample": [i % G for i in range(len(b.rollouts))],
-            "rank": [self.rank] * len(b.rollouts),
-        }
+        columns = rollout_columns(b.step, b.problems, b.prompts, b.rollouts, scored,
+                                  self.params.rollout.group_size, self.rank)
         # Multi-process fix: every rank holds a different shard of the step's rollouts; gather them all
         # (collective: every rank calls it) so the record is the whole batch, not rank 0's share.
         if self.world > 1:

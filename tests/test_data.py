@@ -491,7 +491,7 @@ def paper_files(tmp_path):
 def _paper_params(tmp_path, files, *extra):
     """The paper profile on the small files; its tokenizer is not on this machine (offline), so chars/4."""
     return load_params("paper", [f"run.output_root={tmp_path / 'runs'}", *(f"{k}={v}" for k, v in files.items()),
-                                 "model.name_or_path=lens-tests/no-such-model", *extra])
+                                 "model.name_or_path=lens-tests/no-such-model", "eval.extra_sets=[]", *extra])
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])

@@ -1,9 +1,10 @@
-"""Problems for training and evaluation: MATH, GSM8K, DAPO-Math-17k and a synthetic arithmetic curriculum.
+"""Problems for training and evaluation: MATH, GSM8K, DAPO-Math-17k, AIME 2024, AMC 2023 and a synthetic
+arithmetic curriculum.
 
 problems: the `Problem` record, jsonl files, prompts. boxed: answer extraction. loaders: MATH/GSM8K/DAPO
-from local files or the hub. synthetic: the arithmetic curriculum. registry + sources: the data sources
-that data.train_source / data.eval_source name. prompt_budget: data.max_prompt_tokens. assemble:
-`load_problems_for`, the per-profile selection.
+and the AIME/AMC contests from local files or the hub. synthetic: the arithmetic curriculum. registry +
+sources: the data sources that data.train_source / data.eval_source / eval.extra_sets name. prompt_budget:
+data.max_prompt_tokens. assemble: `load_problems_for`, the per-profile selection.
 """
 
 from lens.data.assemble import load_problems_for
@@ -16,6 +17,8 @@ from lens.data.loaders import (
     drop_duplicates_of,
     filter_levels,
     gsm8k_final_answer,
+    integer_answer,
+    load_competition,
     load_dapo,
     load_gsm8k,
     load_math,
@@ -49,8 +52,8 @@ __all__ = [
     "EVAL_SHARE_PERCENT", "GSM8K_HUB_CONFIG", "HENDRYCKS_CONFIGS", "HENDRYCKS_MATH", "INSTRUCTION",
     "LEVEL_GENERATORS", "LOCAL_SUFFIXES", "PLAIN_TEMPLATE", "SYNTHETIC_SPLITS", "UNRATED_LEVEL",
     "DataUnavailableError", "LoadReport", "Loader", "Problem", "SourcePart", "canonical_form",
-    "drop_duplicates_of", "filter_levels", "get_source", "gsm8k_final_answer", "last_boxed", "load_dapo",
-    "load_gsm8k", "load_math", "load_problems_for", "normalized_text", "parse_level", "profile_tokenizer",
-    "read_problems", "register_source", "render_prompt", "source_names", "synthetic_problems",
-    "synthetic_split_of", "user_message", "write_problems",
+    "drop_duplicates_of", "filter_levels", "get_source", "gsm8k_final_answer", "integer_answer", "last_boxed",
+    "load_competition", "load_dapo", "load_gsm8k", "load_math", "load_problems_for", "normalized_text",
+    "parse_level", "profile_tokenizer", "read_problems", "register_source", "render_prompt", "source_names",
+    "synthetic_problems", "synthetic_split_of", "user_message", "write_problems",
 ]

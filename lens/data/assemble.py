@@ -45,10 +45,13 @@ def _cap_per_level(problems: list[Problem], report: LoadReport, n: int, seed: st
     return kept
 
 
-def load_problems_for(params: Params, split: str) -> tuple[list[Problem], list[LoadReport]]:
+def load_problems_for(
+    params: Params, split: str, source: str | None = None,
+) -> tuple[list[Problem], list[LoadReport]]:
     """The train or eval problems that `params` selects, with one report per dataset read.
 
-    data.train_source / data.eval_source name a registered source (lens.data.registry). Problems whose
+    data.train_source / data.eval_source name a registered source (lens.data.registry); `source` names
+    another (an eval.extra_sets entry), selected by the same rules. Problems whose
     prompt exceeds data.max_prompt_tokens go first (lens.data.prompt_budget). Eval then keeps at most
     max_eval_problems_per_level per dataset and level, train at most max_train_problems over all
     datasets; both choose by a shuffle seeded with run.seed and keep the original order.
@@ -56,7 +59,8 @@ def load_problems_for(params: Params, split: str) -> tuple[list[Problem], list[L
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     data = params.data
-    parts = get_source(data.train_source if split == "train" else data.eval_source)(params, split)
+    source = source or (data.train_source if split == "train" else data.eval_source)
+    parts = get_source(source)(params, split)
     parts = drop_long_prompts(parts, params)
 
     seed = f"{params.run.seed}|{split}"

@@ -1,15 +1,18 @@
-"""MATH, GSM8K and DAPO-Math-17k from a local .jsonl/.parquet file or a hub id, normalised to `Problem`.
+"""MATH, GSM8K, DAPO-Math-17k, AIME and AMC from a local .jsonl/.parquet file or a hub id, normalised to
+`Problem`.
 
 Loaders never drop a row silently: each unusable row (no level, no answer, no problem text, a duplicate
 id, unparsable JSON) is counted by reason in a `LoadReport` and logged as a warning, because real MATH
 dumps do contain such rows ("Level ?", solutions without `\\boxed{}`), and a quietly shrinking dataset
-skews per-level results. Rows removed on purpose (the `levels` filter) are counted under their own reason.
+skews per-level results. Rows removed on purpose (the `levels` filter, a contest's other years) are
+counted under their own reason.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -31,7 +34,11 @@ DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 HENDRYCKS_CONFIGS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                      "number_theory", "prealgebra", "precalculus")
 GSM8K_HUB_CONFIG = "main"
+# AIME 2024 (HuggingFaceH4/aime_2024) and AMC (AI-MO/aimo-validation-amc) publish their rows as split "train".
+COMPETITION_HUB_SPLIT = "train"
 LOCAL_SUFFIXES = (".jsonl", ".parquet")
+# Reasons a converter gives for rows left out on purpose: counted in the report like defects, not warned about.
+SELECTIONS = frozenset({"other_year"})
 
 
 class _Skip(Exception):
@@ -187,6 +194,44 @@ def _dapo_converter() -> Callable[[Mapping[str, Any], str], Problem]:
     return convert
 
 
+def integer_answer(value: Any) -> str:
+    """A competition answer as text: integral numbers without a fraction or leading zeros (AMC's float 142.0
+    and "142.0" -> "142", AIME's "033" -> "33"); anything else as written ("" when missing)."""
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = str(value).strip()
+    match = re.fullmatch(r"([+-]?)0*(\d+)(?:\.0*)?", text)
+    return f"{match.group(1).replace('+', '')}{match.group(2)}" if match else text
+
+
+def _row_year(row: Mapping[str, Any]) -> int | None:
+    """The contest year of a row: its `year` column, else the year in its AoPS url (2023_AMC_12A_Problems/...)."""
+    year = _text(row, "year")
+    if year.isdigit():
+        return int(year)
+    match = re.search(r"(?<!\d)((?:19|20)\d{2})_", _text(row, "url"))
+    return int(match.group(1)) if match else None
+
+
+def _competition_converter(name: str, year: int) -> Callable[[Mapping[str, Any], str], Problem]:
+    """A row of AIME/AMC's schema (id, problem or question, answer[, solution, url, year]) as a Problem of
+    level UNRATED_LEVEL (the contests have no MATH-style difficulty rating) and subject `name`; rows of
+    another year are skipped as other_year (rows without a year are kept)."""
+    def convert(row: Mapping[str, Any], fallback_id: str) -> Problem:
+        if _row_year(row) not in (None, year):
+            raise _Skip("other_year")
+        problem = _text(row, "problem") or _text(row, "question")
+        if not problem:
+            raise _Skip("missing_problem")
+        answer = integer_answer(row.get("answer")) or (last_boxed(_text(row, "solution")) or "")
+        if not answer:
+            raise _Skip("no_answer")
+        row_id = _text(row, "id")
+        return Problem(f"{name}-{row_id}" if row_id else fallback_id, problem, answer, UNRATED_LEVEL, name)
+
+    return convert
+
+
 def _collect(
     rows: Sequence[dict[str, Any] | None],
     source: str,
@@ -213,6 +258,8 @@ def _collect(
         seen.add(problem.id)
         problems.append(problem)
     for reason, count in sorted(dropped.items()):
+        if reason in SELECTIONS:
+            continue
         log.warning("%s: dropped %d row(s): %s (row indices e.g. %s)", source, count, reason, examples[reason][:5])
     report = LoadReport(source, len(rows), len(problems), dict(dropped))
     return filter_levels(problems, report, levels), report
@@ -259,4 +306,21 @@ def load_dapo(source: str, split: str = "train") -> tuple[list[Problem], LoadRep
         rows = datasets.load_dataset(source, split=split)  # iterated lazily: the file has 1.79M rows
     problems, report = _collect(rows, source, f"dapo-{_id_prefix(source, split)}", _dapo_converter(), None)
     report.rules["duplicate_problem"] = "the normalised text (lens.data.loaders.normalized_text) of an earlier row"
+    return problems, report
+
+
+def load_competition(
+    source: str, name: str, year: int, split: str = COMPETITION_HUB_SPLIT,
+) -> tuple[list[Problem], LoadReport]:
+    """A contest's problems of `year` (e.g. "aime2024", 2024) from a local .jsonl/.parquet or a hub id.
+
+    Ids are `<name>-<id column>` (`<name>-<file or hub name>-<row index>` without one), answers
+    `integer_answer`s. Rows of another year (by `year`, else the url) are counted as other_year, a selection
+    like level_filtered, so a multi-year file such as AI-MO/aimo-validation-amc (AMC 12 2022 and 2023)
+    yields one year's contest.
+    """
+    rows = _read_rows(source, split, (None,))
+    problems, report = _collect(rows, source, f"{name}-{_id_prefix(source, split)}",
+                                _competition_converter(name, year), None)
+    report.rules["other_year"] = f"the row's year column or AoPS url names a year other than {year}"
     return problems, report

@@ -1,7 +1,8 @@
 """The built-in data sources: synthetic, math, gsm8k, mixture (synthetic + GSM8K + MATH), dapo
-(DAPO-Math-17k, train only) and math_dapo (the paper's MATH train + DAPO-Math-17k; eval: MATH-500).
+(DAPO-Math-17k, train only), math_dapo (the paper's MATH train + DAPO-Math-17k; eval: MATH-500), and the
+evaluation-only contests aime2024 and amc2023 (for data.eval_source or eval.extra_sets).
 
-MATH and GSM8K come from the data.*_path keys: a hub id (the defaults) or a local .jsonl/.parquet file.
+Datasets come from the data.*_path keys: a hub id (the defaults) or a local .jsonl/.parquet file.
 A dataset that cannot be read fails naming the key to change, because offline (HF_HUB_OFFLINE=1) a hub id
 works only when the dataset is already in the local cache, and a bare `datasets` error does not say so.
 """
@@ -16,6 +17,7 @@ from lens.data.loaders import (
     LOCAL_SUFFIXES,
     drop_duplicates_of,
     is_local,
+    load_competition,
     load_dapo,
     load_gsm8k,
     load_math,
@@ -126,3 +128,24 @@ def math_dapo_source(params: Params, split: str) -> list[SourcePart]:
     problems = drop_duplicates_of(dapo.problems, dapo.report, math[0].problems, "duplicate_of_math_train",
                                   "the normalised text of a problem of data.math_train_path")
     return [*math, SourcePart(problems, dapo.report)]
+
+
+def _contest_part(params: Params, split: str, name: str, year: int) -> SourcePart:
+    """The contest `name` of `year` from data.<name>_path; contests are evaluation sets only."""
+    if split != "eval":
+        raise ValueError(f"{name} is an evaluation set (no train split): set data.train_source to another "
+                         f"source; name {name} in data.eval_source or eval.extra_sets")
+    return _load(params, f"{name}_path", load_competition, name, year)
+
+
+@register_source("aime2024")
+def aime2024_source(params: Params, split: str) -> list[SourcePart]:
+    """AIME 2024 I and II (HuggingFaceH4/aime_2024: 30 problems, integer answers 0-999)."""
+    return [_contest_part(params, split, "aime2024", 2024)]
+
+
+@register_source("amc2023")
+def amc2023_source(params: Params, split: str) -> list[SourcePart]:
+    """AMC 12 2023 (the 2023 rows of AI-MO/aimo-validation-amc, whose problems were rewritten to have an
+    integer answer; its 2022 rows are counted as other_year)."""
+    return [_contest_part(params, split, "amc2023", 2023)]

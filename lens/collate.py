@@ -1,0 +1,41 @@
+"""Rollouts -> padded training tensors: one micro-batch of prompt+completion sequences with its loss mask,
+pi_old, advantages and the engine's log-probs (targets are shifted by one: logits[t] predicts token t+1)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from lens.rollout import Rollout
+
+
+class MicroBatch(NamedTuple):
+    input_ids: torch.Tensor            # [B, T] right-padded prompt + completion
+    attention: torch.Tensor            # [B, T]
+    loss_mask: torch.Tensor            # [B, T-1] 1 on completion tokens (as targets)
+    old_logprobs: torch.Tensor         # [B, T-1] pi_old: recomputed by the trainer when given, else the engine's
+    advantages: torch.Tensor           # [B]
+    engine_logprobs: torch.Tensor      # [B, T-1] the rollout engine's log-probs
+
+
+def collate(rollouts: list[Rollout], advantages: torch.Tensor, idx: list[int], pad_id: int, device,
+            old_logprobs: list[torch.Tensor] | None = None) -> MicroBatch:
+    seqs = [rollouts[i].prompt_ids + rollouts[i].completion_ids for i in idx]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(idx), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(idx), width - 1))
+    engine_lp = torch.zeros((len(idx), width - 1))
+    old_lp = engine_lp if old_logprobs is None else torch.zeros((len(idx), width - 1))
+    for row, (i, seq) in enumerate(zip(idx, seqs)):
+        r = rollouts[i]
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        attention[row, :len(seq)] = 1
+        start, end = len(r.prompt_ids) - 1, len(seq) - 1
+        loss_mask[row, start:end] = 1
+        engine_lp[row, start:end] = torch.tensor(r.logprobs)
+        if old_logprobs is not None:
+            old_lp[row, start:end] = old_logprobs[i]
+    return MicroBatch(input_ids.to(device), attention.to(device), loss_mask.to(device), old_lp.to(device),
+                      advantages[idx].to(device), engine_lp.to(device))
