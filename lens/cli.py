@@ -14,7 +14,7 @@ from lens.params import ParamsError, flatten, load_params
 COMMANDS = {
     "prepare": "load and normalise the profile's train/eval problems",
     "warm-start": "build and supervise the tiny model so RL has a start (tiny profile)",
-    "train": "RL-train with GRPO or LENS (--algo), checkpointing; --resume continues a killed run",
+    "train": "RL-train with an estimator (--algo: grpo, lens, ...), checkpointing; --resume continues a killed run",
     "evaluate": "per-level accuracy and pass@k of a trained policy (--algo or --model)",
     "compare": "every arm (compare.arms) vs the baseline per level, paired-bootstrap confidence intervals",
     "all": "prepare, warm-start, train and evaluate every arm of compare.arms, compare",
