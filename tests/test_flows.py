@@ -170,7 +170,7 @@ def test_compare_flow_publishes_artifacts_and_outputs(compare_run):
     table = by_key["tiny-compare-levels"]
     assert table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert [r["level"] for r in rows] == ["1", "2", "3", "4", "5", "all"]
+    assert [r["level"] for r in rows] == ["1", "2", "3", "4", "5", "4-5", "all"]  # 4-5: the paper's hard subset
     assert {"grpo_acc", "lens_acc", "diff", "diff_ci", "p_boot"} <= set(rows[0])
     for algo in ("grpo", "lens"):
         assert "| level | problems | acc" in by_key[f"tiny-{algo}-eval"].data
