@@ -21,9 +21,27 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from lens.records import atomic_directory, atomic_write_text
+from lens.params import ParamsError, flatten
+from lens.records import atomic_directory, atomic_write_text, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
+
+# Keys a resumed run may change: they steer orchestration, length or evaluation, not the training state.
+RESUMABLE_CHANGES = ("train.algo", "train.steps", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.steps_per_round", "train.max_consecutive_nonfinite", "tracking", "eval", "compare",
+                     "run.output_root", "verify.workers")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint to resume from (the message says where and why; nothing was deleted)."""
+
+
+def params_fingerprint(params) -> dict:
+    """The resolved params a checkpoint's training state depends on (RESUMABLE_CHANGES left out)."""
+    kept = {k: v for k, v in flatten(params).items()
+            if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)}
+    return json.loads(json.dumps(kept))  # as the manifest stores it (tuples become lists)
+
 
 # Whole (gathered) state dicts, offloaded to rank 0's CPU; other ranks get empty dicts.
 FULL_ON_RANK0_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -61,23 +79,50 @@ def check_master_weights(params) -> None:
 class Checkpointer:
     """Saves and restores (model, optimizer, scheduler, counters, RNG) under `directory`."""
 
-    def __init__(self, directory: Path, accelerator, model, optimizer, scheduler, tokenizer, keep: int):
+    def __init__(self, directory: Path, accelerator, model, optimizer, scheduler, tokenizer, keep: int,
+                 fingerprint: dict | None = None):
         self.directory, self.accelerator = Path(directory), accelerator
         self.model, self.optimizer, self.scheduler, self.tokenizer = model, optimizer, scheduler, tokenizer
         self.keep = keep
+        self.fingerprint = fingerprint or {}
+        self._verified: dict[Path, dict] = {}   # manifests checked by usable(): not re-hashed by load()
 
     @property
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
 
     def latest(self) -> Path | None:
+        """The newest checkpoint `latest` names, if its manifest exists (cheap: no checksums)."""
         pointer = self.directory / "latest"
         if pointer.exists():
             path = self.directory / pointer.read_text().strip()
-            if (path / "trainer_state.json").exists():
+            if (path / "manifest.json").exists():
                 return path
         return None
 
+    def usable(self) -> Path | None:
+        """The newest checkpoint whose manifest verifies: `latest`'s, else the newest complete `step-*`
+        (with a warning naming both). None when there is none at all; CheckpointError when checkpoints exist
+        but none is usable (nothing is deleted either way)."""
+        pointer = self.directory / "latest"
+        named = self.directory / pointer.read_text().strip() if pointer.is_file() else None
+        steps = sorted((p for p in self.directory.glob("step-*") if p.is_dir()), reverse=True)
+        candidates = list(dict.fromkeys([*([named] if named is not None else []), *steps]))
+        problems = []
+        for path in candidates:
+            try:
+                self._verified[path] = read_manifest(path)
+            except ValueError as exc:
+                problems.append(f"{path.name}: {exc}")
+                continue
+            if problems:
+                log.warning("checkpoint %s is not usable (%s); resuming from %s instead", candidates[0],
+                            "; ".join(problems), path)
+            return path
+        if problems:
+            raise CheckpointError(f"no usable checkpoint in {self.directory} ({'; '.join(problems)}); nothing was "
+                                  "deleted: restore a checkpoint, or start afresh without --resume")
+        return None
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -103,6 +148,7 @@ class Checkpointer:
                 rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
                        "torch": torch.get_rng_state().tolist()}
                 (tmp / "trainer_state.json").write_text(json.dumps(counters | {"rng": rng}))
+                write_manifest(tmp, step=step, params=self.fingerprint)  # last: it vouches for the rest
             atomic_write_text(self.directory / "latest", name)
             kept = sorted(p for p in self.directory.glob("step-*") if p.is_dir())
             for old in kept[:-self.keep]:
@@ -115,6 +161,14 @@ class Checkpointer:
         """Restore model, optimizer, scheduler and RNG from `path`; returns the saved counters."""
         # With several processes rank 0 alone reads the files and broadcasts them (for FSDP, each rank keeps
         # its shard): N ranks reading an 8B checkpoint at once would hold N copies in host memory.
+        manifest = self._verified.pop(path, None) or read_manifest(path)
+        saved = manifest.get("params", {})
+        changed = sorted(k for k in saved.keys() | self.fingerprint.keys() if saved.get(k) != self.fingerprint.get(k))
+        if changed:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in changed[:8])
+            raise ParamsError(f"--resume with other params than checkpoint {path} was trained with: {shown}"
+                              f"{' ...' if len(changed) > 8 else ''}; resume with the run's values (these may "
+                              f"change: {', '.join(RESUMABLE_CHANGES)}) or start a new run")
         broadcast = self.accelerator.num_processes > 1
         reader = self.accelerator.is_main_process or not broadcast
         weights, optim_state = {}, {}
@@ -150,6 +204,7 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             with atomic_directory(path) as tmp:
                 self._save_model(tmp, model_state)
+                write_manifest(tmp)  # a standard transformers directory, plus the checksums of its files
         del model_state
         self.accelerator.wait_for_everyone()
         return path

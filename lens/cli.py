@@ -171,11 +171,12 @@ def _comparison_result(cmp: dict, mlflow_url: str | None) -> dict:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Failures with a message meant for the user: printed without a traceback, exit code 1."""
+    from lens.checkpoint import CheckpointError
     from lens.tracking import TrackingError
     from lens.train import NonFiniteLossError
     from lens.verify import VerifierError
 
-    return FileNotFoundError, TrackingError, NonFiniteLossError, VerifierError
+    return FileNotFoundError, TrackingError, NonFiniteLossError, VerifierError, CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

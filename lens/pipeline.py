@@ -151,7 +151,16 @@ def publish_policy(params: Params, tracker: Tracker, runner: Runner) -> str | No
     from lens.data import PLAIN_TEMPLATE, Problem, user_message
     from lens.model_registry import log_policy
 
+    from lens.records import read_manifest
+
     arm = params.train.algo
+    if not (tracker.enabled and params.tracking.log_model):
+        return None
+    final = RunFiles(params.algo_dir(arm)).final
+    try:
+        read_manifest(final)
+    except ValueError as exc:  # a corrupted or incomplete policy is never registered
+        raise RuntimeError(f"{final} is not the policy training saved ({exc}): not logged or registered") from None
     prompt = params.model.prompt  # MLflow's text-generation template, for a plain prompt
     template = None if prompt.template == "chat" else PLAIN_TEMPLATE.format(
         problem=user_message(Problem("", "{prompt}", "", 0, ""), prompt.instruction))

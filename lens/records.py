@@ -9,6 +9,7 @@ transformers directory), `train_summary.json` and `eval.json`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -119,6 +120,49 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- manifests: what a complete directory holds -------------------------------------------------
+
+MANIFEST = "manifest.json"
+
+
+def file_sha256(*paths: str | os.PathLike[str]) -> str:
+    """sha256 over the files' bytes, in the given order (a file's identity without DVC)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike[str], **fields: Any) -> Path:
+    """manifest.json listing every file under `directory` with its sha256 (plus `fields`): write it LAST,
+    so a directory with a matching manifest is known to be complete and unaltered."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): file_sha256(p)
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return atomic_write_json(directory / MANIFEST, {"files": files, **fields})
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a complete, unaltered directory; ValueError saying what is wrong otherwise."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"no {MANIFEST} (written last: the directory is incomplete)")
+    try:
+        manifest = json.loads(path.read_text())
+        files = dict(manifest["files"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{MANIFEST} is unreadable ({exc})") from None
+    for name, sha in files.items():
+        member = Path(directory) / name
+        if not member.is_file():
+            raise ValueError(f"{name} is missing")
+        if file_sha256(member) != sha:
+            raise ValueError(f"{name} does not match its checksum (truncated or altered)")
+    return manifest
 
 
 # ---- metrics.jsonl ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
-from lens.checkpoint import Checkpointer, check_fsdp_support, check_master_weights
+from lens.checkpoint import Checkpointer, check_fsdp_support, check_master_weights, params_fingerprint
 from lens.data import Problem, read_problems, render_prompt
 from lens.estimators import compute_advantages
 from lens.loss import policy_loss, token_logprobs_and_entropy
@@ -130,12 +130,20 @@ class Trainer:
         self.verifier = Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers)
         self.state = TrainState()
         self.checkpoints = Checkpointer(self.files.checkpoints, self.accelerator, self.model, self.optimizer,
-                                        self.scheduler, self.tokenizer, keep=tp.keep_checkpoints)
+                                        self.scheduler, self.tokenizer, keep=tp.keep_checkpoints,
+                                        fingerprint=params_fingerprint(params))
 
         if self.accelerator.is_main_process:
             self.files.dir.mkdir(parents=True, exist_ok=True)
-        if resume and self.latest_checkpoint() is not None:
-            self.load_checkpoint(self.latest_checkpoint())
+        if resume:
+            # Never deletes: a usable checkpoint is loaded (an unusable newest one is skipped with a warning);
+            # checkpoints that exist but none usable stop the run (CheckpointError); with none at all, the
+            # run starts from the beginning and only the metrics rows no checkpoint backs are dropped.
+            path = self.checkpoints.usable()
+            if path is not None:
+                self.load_checkpoint(path)
+            elif self.accelerator.is_main_process:
+                truncate_metrics(self.files.metrics, 0)
         elif self.accelerator.is_main_process:
             # A fresh run owns its directory: stale checkpoints would be picked up by a later --resume.
             self.checkpoints.clear()

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lens.records import file_sha256  # noqa: F401  (lineage: a file's identity without DVC)
+
 DATA_STAGE = "prepare"
 
 # params.yaml keys that steer orchestration but cannot change any output: no DVC stage depends on them,
@@ -193,16 +195,6 @@ def git_commit(root: str | os.PathLike[str] | None = None) -> tuple[str | None, 
         return None, None
     status = git("status", "--porcelain", "--untracked-files=no")
     return commit, (bool(status) if status is not None else None)
-
-
-def file_sha256(*paths: str | os.PathLike[str]) -> str:
-    """sha256 over the files' bytes, in the given order (a file's identity without DVC)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- recording and pushing -------------------------------------------------------------------------
