@@ -104,3 +104,11 @@ def test_dry_run_prints_one_rendered_prompt(tmp_path):
     assert plan["prompt"]["rendered"].endswith(
         "<|im_start|>user\nWhat is $1 + 2 \\cdot 3$? Let's think step by step and output the final answer within "
         "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_overrides_may_come_before_between_and_after_the_flags():
+    plan = json.loads(lens("train", "train.steps=5", "--dry-run", "train.lr=0.01", "--algo", "lens",
+                           "rollout.group_size=4").stdout)
+    assert (plan["steps"], plan["lr"], plan["algo"], plan["group_size"]) == (5, 0.01, "lens", 4)
+    proc = lens("train", "--dry-run", "--bogus", check=False)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
