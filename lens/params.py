@@ -25,7 +25,9 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never a usable setting (train.lr=inf trains on garbage; verify.timeout_s=inf overflowed
+    # the per-item timer and scored everything 0): refused by key like any bad value.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunParams(Section):
@@ -187,7 +189,7 @@ class TrainParams(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Optimiser updates of linear warm-up.")
-    clip_low: float = Field(0.2, ge=0, description="PPO clip: ratio lower bound is 1 - clip_low.")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip: ratio lower bound is 1 - clip_low (> 0).")
     clip_high: float = Field(0.2, ge=0, description="PPO clip: ratio upper bound is 1 + clip_high.")
     loss_agg: Literal["seq-mean-token-mean", "token-mean"] = Field(
         "seq-mean-token-mean", description="How token losses are averaged (paper: seq-mean-token-mean).")
@@ -234,7 +236,7 @@ class EvalParams(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for evaluation.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus threshold for evaluation.")
     max_new_tokens: int = Field(16, ge=1, description="Maximum tokens per evaluation completion.")
-    ks: list[int] = Field([1, 2, 4, 8, 16], description="pass@k values reported (those <= n).")
+    ks: list[int] = Field([1, 2, 4, 8, 16], description="pass@k values reported (those <= n; each >= 1).")
     greedy: bool = Field(False, description="Also report greedy (T=0) accuracy.")
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
@@ -302,6 +304,16 @@ class CompareParams(Section):
         return self
 
 
+def _check_batches(params: Params) -> None:
+    """Settings that only fail together: refused before anything loads, naming the keys."""
+    samples = params.train.prompts_per_step * params.rollout.group_size
+    if params.train.mini_batch_size > samples:
+        raise ValueError(f"train.mini_batch_size={params.train.mini_batch_size} is larger than the samples of a "
+                         f"step (train.prompts_per_step x rollout.group_size = {samples})")
+    if any(k < 1 for k in params.eval.ks):
+        raise ValueError(f"eval.ks must all be >= 1, got {params.eval.ks}")
+
+
 class Params(Section):
     profile: str = Field("tiny", description="Active profile (a key of `profiles:` in params.yaml).")
     run: RunParams = RunParams()
@@ -314,6 +326,11 @@ class Params(Section):
     compare: CompareParams = CompareParams()
     verify: VerifyParams = VerifyParams()
     tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _settings_that_fail_together(self) -> Params:
+        _check_batches(self)
+        return self
 
     # ---- derived paths: one place that knows the on-disk layout -------------------------------
     @property
@@ -341,7 +358,10 @@ class Params(Section):
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if not e["loc"]:  # a check across sections: its message names the keys; the input is everything
+            lines.append(e["msg"].removeprefix("Value error, "))
+            continue
+        key = ".".join(str(p) for p in e["loc"])
         lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "invalid params:\n  " + "\n  ".join(lines)
 

@@ -44,3 +44,15 @@ def test_malformed_override_and_unknown_profile():
 def test_flatten_gives_dotted_keys():
     flat = flatten(load_params())
     assert flat["train.lens.alpha"] == 0.25 and "rollout.group_size" in flat
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=inf", r"train\.lr: Input should be a finite number"),
+    ("verify.timeout_s=inf", r"verify\.timeout_s: Input should be a finite number"),
+    ("train.clip_low=5", r"train\.clip_low: Input should be less than 1"),
+    ("train.mini_batch_size=1024", r"train\.mini_batch_size=1024 is larger than the samples of a step"),
+    ("eval.ks=[0,1]", r"eval\.ks must all be >= 1"),
+])
+def test_values_that_cannot_work_are_refused_by_key(override, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params("tiny", [override])
