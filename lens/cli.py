@@ -172,11 +172,12 @@ def _comparison_result(cmp: dict, mlflow_url: str | None) -> dict:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Failures with a message meant for the user: printed without a traceback, exit code 1."""
     from lens.checkpoint import CheckpointError
+    from lens.records import RunInUseError
     from lens.tracking import TrackingError
     from lens.train import NonFiniteLossError
     from lens.verify import VerifierError
 
-    return FileNotFoundError, TrackingError, NonFiniteLossError, VerifierError, CheckpointError
+    return FileNotFoundError, TrackingError, NonFiniteLossError, VerifierError, CheckpointError, RunInUseError
 
 
 def main(argv: list[str] | None = None) -> int:

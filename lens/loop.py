@@ -125,7 +125,7 @@ class TrainingRun:
                 if step % every == 0 and step < last:
                     self._checkpoint(step)
                 if self._evaluate_at(step):
-                    self.runner.phase("evaluate_policy", t.evaluate_now, arm=self.arm, step=step)
+                    self.runner.phase("evaluate_policy", self._evaluate_now, arm=self.arm, step=step)
             checkpoint = self._checkpoint(last)
             by_level = self._round_manifest(index, first, last) if t.accelerator.is_main_process else {}
         except BaseException:
@@ -140,6 +140,23 @@ class TrainingRun:
         """eval.every_steps: the paper's curves; the final policy is the evaluate stage's."""
         every = self.params.eval.every_steps
         return bool(every) and step % every == 0 and step < self.params.train.steps
+
+    def _evaluate_now(self) -> dict | None:
+        """The live policy on the eval split with the trainer's own engine (main process; the others wait):
+        <arm>/evals/step-NNNNNN.json, and its eval/... metrics to the callbacks at this step."""
+        from lens.data import read_problems
+        from lens.evaluate import eval_metrics, evaluate_engine, write_eval
+
+        t, summary = self.trainer, None
+        if t.accelerator.is_main_process:
+            problems = read_problems(self.params.data_dir / "eval.jsonl")
+            summary = evaluate_engine(self.params, t.engine, t.tokenizer, problems)
+            summary |= {"step": t.state.step, "checkpoint": f"step-{t.state.step:06d}"}
+            write_eval(t.files.eval_at(t.state.step), summary)
+            for cb in self.callbacks:
+                cb(t.state.step, eval_metrics(summary))
+        t.accelerator.wait_for_everyone()
+        return summary
 
     def _checkpoint(self, step: int):
         latest = self.trainer.latest_checkpoint()

@@ -71,6 +71,42 @@ class RunFiles:
         return self.rollouts / f"round-{index:04d}.json"
 
 
+# ---- one writer per run directory ---------------------------------------------------------------
+
+
+class RunInUseError(RuntimeError):
+    """Another process is writing this run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory (`.lock`, flock) for as long as a process writes it: a second
+    run on the same outputs would interleave metrics and wipe the first one's checkpoints. The OS releases
+    it when the process dies, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        import fcntl
+
+        self.path = Path(directory) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise RunInUseError(f"{self.path.parent} is in use by {holder}: two runs on the same outputs would "
+                                "corrupt each other; wait for it, or set run.output_root elsewhere") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"pid {os.getpid()}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()  # closing the file releases the flock
+
+
 # ---- atomic writes ------------------------------------------------------------------------------
 
 

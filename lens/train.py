@@ -30,7 +30,7 @@ from lens.estimators import compute_advantages
 from lens.loss import policy_loss, token_logprobs_and_entropy
 from lens.models import load_policy
 from lens.collate import MicroBatch, collate
-from lens.records import ROLLOUT_COLUMNS, RunFiles, append_metrics, rollout_columns, truncate_metrics, write_rollouts
+from lens.records import ROLLOUT_COLUMNS, RunFiles, RunLock, append_metrics, rollout_columns, truncate_metrics, write_rollouts
 from lens.rollout import Rollout, SamplingConfig, make_engine
 from lens.step_stats import RolloutCounts, UpdateStats, reduce_over_processes
 from lens.verify import Verifier
@@ -98,59 +98,65 @@ class Trainer:
         check_fsdp_support(params, self.fsdp, self.accelerator.is_fsdp2)
         self.callbacks = list(callbacks or [])
         self.files = RunFiles(params.algo_dir())
+        self._lock = RunLock(self.files.dir) if self.accelerator.is_main_process else None
 
-        if tp.prompts_per_step % self.world or tp.mini_batch_size % self.world:
-            raise ValueError(f"train.prompts_per_step and train.mini_batch_size must divide by the "
-                             f"number of processes ({self.world})")
-        train_file = params.data_dir / "train.jsonl"
-        if not train_file.exists():
-            raise FileNotFoundError(f"{train_file} not found: run `lens prepare --profile {params.profile}` first")
-        self.problems = read_problems(train_file)
+        try:
+            if tp.prompts_per_step % self.world or tp.mini_batch_size % self.world:
+                raise ValueError(f"train.prompts_per_step and train.mini_batch_size must divide by the "
+                                 f"number of processes ({self.world})")
+            train_file = params.data_dir / "train.jsonl"
+            if not train_file.exists():
+                raise FileNotFoundError(f"{train_file} not found: run `lens prepare --profile {params.profile}` first")
+            self.problems = read_problems(train_file)
 
-        torch.manual_seed(params.run.seed)
-        model, self.tokenizer = load_policy(params)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, betas=tuple(tp.adam_betas),
-                                           weight_decay=tp.weight_decay)
-        self.scheduler = get_scheduler(
-            "constant_with_warmup" if tp.lr_schedule == "constant" else tp.lr_schedule,
-            self.optimizer, num_warmup_steps=tp.warmup_steps,
-            num_training_steps=max(1, tp.steps * self.updates_per_step))
-        # Multi-process fix: the scheduler is NOT passed to accelerator.prepare. accelerate's wrapper steps
-        # it num_processes times per call (it assumes a per-process dataloader that shrinks with the world
-        # size), but our updates per step do not depend on the world size (mini_batch_size is global), so
-        # a prepared scheduler ran warm-up and decay `world` times too fast.
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
-        self.ref_model = None
-        if tp.kl_beta > 0:  # a frozen copy of the starting policy; beta = 0 loads nothing
-            self.ref_model, _ = load_policy(params)
-            self.ref_model.to(self.accelerator.device).eval().requires_grad_(False)
-        # Under FSDP every forward pass all-gathers layers (a collective), so all ranks must run the same
-        # number of decode steps: `synced_gpus` keeps a finished rank stepping until every rank is done.
-        self.engine = make_engine(params, self.unwrapped_model, self.tokenizer, synced_gpus=self.fsdp)
-        self.verifier = Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers)
-        self.state = TrainState()
-        self.checkpoints = Checkpointer(self.files.checkpoints, self.accelerator, self.model, self.optimizer,
-                                        self.scheduler, self.tokenizer, keep=tp.keep_checkpoints,
-                                        fingerprint=params_fingerprint(params))
+            torch.manual_seed(params.run.seed)
+            model, self.tokenizer = load_policy(params)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, betas=tuple(tp.adam_betas),
+                                               weight_decay=tp.weight_decay)
+            self.scheduler = get_scheduler(
+                "constant_with_warmup" if tp.lr_schedule == "constant" else tp.lr_schedule,
+                self.optimizer, num_warmup_steps=tp.warmup_steps,
+                num_training_steps=max(1, tp.steps * self.updates_per_step))
+            # Multi-process fix: the scheduler is NOT passed to accelerator.prepare. accelerate's wrapper steps
+            # it num_processes times per call (it assumes a per-process dataloader that shrinks with the world
+            # size), but our updates per step do not depend on the world size (mini_batch_size is global), so
+            # a prepared scheduler ran warm-up and decay `world` times too fast.
+            self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+            self.ref_model = None
+            if tp.kl_beta > 0:  # a frozen copy of the starting policy; beta = 0 loads nothing
+                self.ref_model, _ = load_policy(params)
+                self.ref_model.to(self.accelerator.device).eval().requires_grad_(False)
+            # Under FSDP every forward pass all-gathers layers (a collective), so all ranks must run the same
+            # number of decode steps: `synced_gpus` keeps a finished rank stepping until every rank is done.
+            self.engine = make_engine(params, self.unwrapped_model, self.tokenizer, synced_gpus=self.fsdp)
+            self.verifier = Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers)
+            self.state = TrainState()
+            self.checkpoints = Checkpointer(self.files.checkpoints, self.accelerator, self.model, self.optimizer,
+                                            self.scheduler, self.tokenizer, keep=tp.keep_checkpoints,
+                                            fingerprint=params_fingerprint(params))
 
-        if self.accelerator.is_main_process:
-            self.files.dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            # Never deletes: a usable checkpoint is loaded (an unusable newest one is skipped with a warning);
-            # checkpoints that exist but none usable stop the run (CheckpointError); with none at all, the
-            # run starts from the beginning and only the metrics rows no checkpoint backs are dropped.
-            path = self.checkpoints.usable()
-            if path is not None:
-                self.load_checkpoint(path)
+            if self.accelerator.is_main_process:
+                self.files.dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                # Never deletes: a usable checkpoint is loaded (an unusable newest one is skipped with a warning);
+                # checkpoints that exist but none usable stop the run (CheckpointError); with none at all, the
+                # run starts from the beginning and only the metrics rows no checkpoint backs are dropped.
+                path = self.checkpoints.usable()
+                if path is not None:
+                    self.load_checkpoint(path)
+                elif self.accelerator.is_main_process:
+                    truncate_metrics(self.files.metrics, 0)
             elif self.accelerator.is_main_process:
-                truncate_metrics(self.files.metrics, 0)
-        elif self.accelerator.is_main_process:
-            # A fresh run owns its directory: stale checkpoints would be picked up by a later --resume.
-            self.checkpoints.clear()
-            shutil.rmtree(self.files.rollouts, ignore_errors=True)
-            shutil.rmtree(self.files.evals, ignore_errors=True)
-            self.files.metrics.unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
+                # A fresh run owns its directory: stale checkpoints would be picked up by a later --resume.
+                self.checkpoints.clear()
+                shutil.rmtree(self.files.rollouts, ignore_errors=True)
+                shutil.rmtree(self.files.evals, ignore_errors=True)
+                self.files.metrics.unlink(missing_ok=True)
+            self.accelerator.wait_for_everyone()
+        except BaseException:
+            if self._lock is not None:  # a failed start leaves the directory free for the next attempt
+                self._lock.release()
+            raise
 
     # ---- sizes ----------------------------------------------------------------------------------
     @property
@@ -371,22 +377,6 @@ class Trainer:
         if self.accelerator.is_main_process:
             write_rollouts(self.files.rollout_file(b.step), {k: columns[k] for k in ROLLOUT_COLUMNS})
 
-    def evaluate_now(self) -> dict | None:
-        """The current policy on the eval split, with this run's own engine (main process; the others
-        wait): <arm>/evals/step-NNNNNN.json, and its eval/... metrics to the callbacks at this step."""
-        from lens.evaluate import eval_metrics, evaluate_engine, write_eval
-
-        summary = None
-        if self.accelerator.is_main_process:
-            problems = read_problems(self.params.data_dir / "eval.jsonl")
-            summary = evaluate_engine(self.params, self.engine, self.tokenizer, problems)
-            summary |= {"step": self.state.step, "checkpoint": f"step-{self.state.step:06d}"}
-            write_eval(self.files.eval_at(self.state.step), summary)
-            for cb in self.callbacks:
-                cb(self.state.step, eval_metrics(summary))
-        self.accelerator.wait_for_everyone()
-        return summary
-
     # ---- checkpoints ----------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
         return self.checkpoints.latest()
@@ -408,6 +398,8 @@ class Trainer:
     def close(self) -> None:
         self.verifier.close()
         self.engine.close()
+        if self._lock is not None:
+            self._lock.release()
 
 
 def _call(name: str, fn: Callable):

@@ -107,3 +107,22 @@ def test_a_damaged_final_policy_is_never_registered(trained):
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(RuntimeError, match="not logged or registered"):
         pipeline.publish_policy(trained, Enabled(), Runner(progress=False))
+
+
+def test_a_second_run_on_the_same_outputs_is_refused_until_the_first_ends(tmp_path):
+    from lens.records import RunInUseError, RunLock
+
+    params = small_params(tmp_path, *RUN)
+    random_policy(params)
+    synthetic_data(params)
+    holder = RunLock(params.algo_dir())  # as another process's trainer would hold it
+    try:
+        with pytest.raises(RunInUseError, match=rf"{params.algo_dir()} is in use by pid \d+"):
+            Trainer(params)
+    finally:
+        holder.release()
+    trainer = Trainer(params)  # free again; and a failed start never keeps it
+    trainer.close()
+    with pytest.raises(ParamsError):
+        Trainer(small_params(tmp_path, *RUN, "model.dtype=bfloat16"))
+    Trainer(params).close()
