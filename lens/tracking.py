@@ -24,7 +24,7 @@ from typing import Any, Literal
 from lens.params import flatten
 from lens.tracking_store import (BATCH_METRICS, BATCH_PARAMS, MAX_DIGEST, MAX_TAG_VALUE, TrackingError,  # noqa: F401
                                  _numeric, check_server, metric_key, param_dict, param_strings,
-                                 resolve_tracking_uri, sqlite_path)
+                                 redact_uri, resolve_tracking_uri, sqlite_path, without_secrets)
 from lens.versioning import git_commit
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,14 @@ class Tracker:
         except TrackingError:
             raise
         except Exception as exc:
-            raise TrackingError(f"MLflow tracking store {self.tracking_uri} is unusable: {exc}") from exc
+            raise TrackingError(f"MLflow tracking store {redact_uri(self.tracking_uri)} is unusable: "
+                                f"{without_secrets(str(exc), self.tracking_uri)}") from None
         if parent_run_id is not None:
             try:
                 self.client.get_run(parent_run_id)  # fail now, not mid-training, on a wrong id
             except Exception as exc:
-                raise TrackingError(f"no MLflow run {parent_run_id} at {self.tracking_uri}: {exc}") from exc
+                raise TrackingError(f"no MLflow run {parent_run_id} at {redact_uri(self.tracking_uri)}: "
+                                    f"{without_secrets(str(exc), self.tracking_uri)}") from None
 
     def _experiment(self, db: Path | None) -> str:
         from mlflow.exceptions import MlflowException
@@ -126,7 +128,7 @@ class Tracker:
                     raise
         if exp.lifecycle_stage != "active":
             raise TrackingError(
-                f"MLflow experiment {self.experiment_name!r} at {self.tracking_uri} is deleted: restore it "
+                f"MLflow experiment {self.experiment_name!r} at {redact_uri(self.tracking_uri)} is deleted: restore it "
                 f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or set tracking.experiment")
         return exp.experiment_id
 
@@ -177,7 +179,7 @@ class Tracker:
             self.run_id = self._create_run(self.run_name, self._run_tags())
             self.log_params({k: v for k, v in flatten(self.params).items() if k != "train.algo"}, self.run_id)
             log.info("MLflow: parent run %s (%s) in experiment %r at %s", self.run_name, self.run_id,
-                     self.experiment_name, self.tracking_uri)
+                     self.experiment_name, redact_uri(self.tracking_uri))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -275,7 +277,7 @@ class Tracker:
                 self._failed_logs += 1
                 if self._failed_logs in (1, 10, 100) or self._failed_logs % 1000 == 0:
                     log.warning("MLflow: step %s metrics not logged to %s (%d failures so far): %s",
-                                step, self.tracking_uri, self._failed_logs, exc)
+                                step, redact_uri(self.tracking_uri), self._failed_logs, exc)
 
         return log_step
 
@@ -350,7 +352,7 @@ class Tracker:
         if not self.enabled or not self.run_id:
             return None
         if ui is None:
-            ui = self.tracking_uri if self.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+            ui = redact_uri(self.tracking_uri) if self.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
 

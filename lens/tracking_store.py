@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import base64
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +49,21 @@ def sqlite_path(uri: str) -> Path | None:
     return None
 
 
+def redact_uri(uri: str) -> str:
+    """`uri` with its credentials (user:password@) replaced by ***: what may be logged, stored or printed."""
+    scheme, sep, rest = uri.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return uri
+    return f"{scheme}://***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
+
+
+def without_secrets(text: str, uri: str) -> str:
+    """`text` (e.g. an exception's message) with the password of `uri` replaced by ***."""
+    password = urllib.parse.urlsplit(uri).password if "://" in uri else None
+    return text.replace(password, "***") if password else text
+
+
 def check_server(uri: str, timeout_s: float) -> None:
     """Fail fast, naming the URI, when an http(s) tracking server does not answer.
 
@@ -60,16 +77,24 @@ def check_server(uri: str, timeout_s: float) -> None:
         import ssl
 
         context = ssl._create_unverified_context()  # the user asked MLflow to skip verification too
+    # Credentials in the URI go into an Authorization header, never into the URL urllib parses (its
+    # errors would quote them).
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(redact_uri(uri).replace("***@", "").rstrip("/") + "/health")
+    if parts.username is not None:
+        token = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:"
+                                 f"{urllib.parse.unquote(parts.password or '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s, context=context):
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context):
             pass
     except urllib.error.HTTPError:
         return
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
+        reason = without_secrets(str(getattr(exc, "reason", exc)), uri)
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it, point "
-            f"tracking.tracking_uri elsewhere, or set tracking.enabled=false") from exc
+            f"MLflow tracking server {redact_uri(uri)} is unreachable ({reason}); start it, point "
+            f"tracking.tracking_uri elsewhere, or set tracking.enabled=false") from None
 
 
 def metric_key(name: str) -> str:
@@ -78,10 +103,11 @@ def metric_key(name: str) -> str:
 
 
 def param_strings(values: Mapping[str, Any]) -> dict[str, str]:
-    """Flat params as MLflow param strings (lists/dicts as JSON, cut to MLflow's length limit)."""
+    """Flat params as MLflow param strings (lists/dicts as JSON, cut to MLflow's length limit; a URI's
+    credentials replaced by ***: params are visible to everyone who can read the experiment)."""
     out = {}
     for key, value in values.items():
-        text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+        text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else redact_uri(str(value))
         out[metric_key(key)] = text if len(text) <= MAX_PARAM_VALUE else text[:MAX_PARAM_VALUE - 3] + "..."
     return out
 
