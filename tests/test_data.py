@@ -654,3 +654,26 @@ def test_missing_local_file_names_the_key(tmp_path):
     params = load_params("tiny", ["data.eval_source=math", f"data.math_eval_path={tmp_path / 'absent.jsonl'}"])
     with pytest.raises(FileNotFoundError, match=r"^data\.math_eval_path: cannot load .*absent\.jsonl"):
         load_problems_for(params, "eval")
+
+
+def test_broken_local_files_are_named_or_their_lines_counted_with_line_numbers(tmp_path, caplog):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=rf"{empty} is empty"):
+        load_math(str(empty))
+    mixed = tmp_path / "mixed.jsonl"
+    good = b'{"problem": "ok", "level": 1, "answer": "1"}'
+    mixed.write_bytes(good + b"\n" + b'{"problem": "caf\xe9", "level": 1, "answer": "2"}\n' + b"{not json\n")
+    with caplog.at_level(logging.WARNING):
+        problems, report = load_math(str(mixed))
+    assert len(problems) == 1 and report.dropped == {"not_utf8": 1, "bad_json": 1}
+    assert "line 2" in caplog.text and "line 3" in caplog.text  # 1-based line numbers, not row indices
+
+
+def test_an_oversized_problem_is_dropped_and_counted(tmp_path):
+    from lens.data.loaders import MAX_PROBLEM_CHARS
+
+    rows = [{"problem": "x" * (MAX_PROBLEM_CHARS + 1), "level": 1, "answer": "1"},
+            {"problem": "1+1", "level": 1, "answer": "2"}]
+    problems, report = load_math(str(_write_jsonl(tmp_path / "big.jsonl", rows)))
+    assert [p.problem for p in problems] == ["1+1"] and report.dropped == {"oversized": 1}

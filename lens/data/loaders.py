@@ -41,6 +41,18 @@ LOCAL_SUFFIXES = (".jsonl", ".parquet")
 SELECTIONS = frozenset({"other_year"})
 
 
+# A problem this long is not a math problem but a broken row (a 5 MB "problem" made training allocate
+# gigabytes): dropped and counted as "oversized". MATH's longest problem is ~4k characters.
+MAX_PROBLEM_CHARS = 20_000
+
+
+class _BadLine:
+    """A line of a .jsonl file that is not a JSON object, with why and where (1-based line number)."""
+
+    def __init__(self, reason: str, line: int) -> None:
+        self.reason, self.line = reason, line
+
+
 class _Skip(Exception):
     """Raised by a row converter: the row is unusable for the reason given."""
 
@@ -59,25 +71,35 @@ def is_local(source: str) -> bool:
     return Path(source).is_file() or source.endswith(LOCAL_SUFFIXES)
 
 
-def _read_local(path: Path) -> list[dict[str, Any] | None]:
-    """Rows of a .jsonl or .parquet file; None stands for a JSON line that is not an object."""
+def _read_local(path: Path) -> list[dict[str, Any] | _BadLine]:
+    """Rows of a .jsonl or .parquet file; a .jsonl line that is not valid UTF-8 or not a JSON object is a
+    _BadLine (counted by the caller, with its line number). An empty file is an error naming it."""
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    if path.suffix == ".jsonl":
-        return [_parse_json_line(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    raise ValueError(f"unsupported data file {path}: expected one of {LOCAL_SUFFIXES}")
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix == ".jsonl":
+        rows = [_parse_json_line(raw, number) for number, raw in enumerate(path.read_bytes().splitlines(), start=1)
+                if raw.strip()]
+    else:
+        raise ValueError(f"unsupported data file {path}: expected one of {LOCAL_SUFFIXES}")
+    if not rows:
+        raise ValueError(f"data file {path} is empty: no rows")
+    return rows
 
 
-def _parse_json_line(line: str) -> dict[str, Any] | None:
+def _parse_json_line(raw: bytes, number: int) -> dict[str, Any] | _BadLine:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _BadLine("not_utf8", number)
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) else None
+        return _BadLine("bad_json", number)
+    return row if isinstance(row, dict) else _BadLine("bad_json", number)
 
 
 def _read_hub(source: str, split: str, configs: Sequence[str | None]) -> list[dict[str, Any] | None]:
@@ -245,22 +267,25 @@ def _collect(
     dropped: Counter[str] = Counter()
     examples: dict[str, list[int]] = defaultdict(list)
     for index, row in enumerate(rows):
+        where = f"line {row.line}" if isinstance(row, _BadLine) else f"row {index + 1}"
         try:
-            if row is None:
-                raise _Skip("bad_json")
+            if row is None or isinstance(row, _BadLine):
+                raise _Skip(row.reason if row is not None else "bad_json")
             problem = convert(row, f"{id_prefix}-{index:06d}")
             if problem.id in seen:
                 raise _Skip("duplicate_id")
+            if len(problem.problem) + len(problem.answer) > MAX_PROBLEM_CHARS:
+                raise _Skip("oversized")
         except _Skip as skip:
             dropped[skip.reason] += 1
-            examples[skip.reason].append(index)
+            examples[skip.reason].append(where)
             continue
         seen.add(problem.id)
         problems.append(problem)
     for reason, count in sorted(dropped.items()):
         if reason in SELECTIONS:
             continue
-        log.warning("%s: dropped %d row(s): %s (row indices e.g. %s)", source, count, reason, examples[reason][:5])
+        log.warning("%s: dropped %d row(s): %s (e.g. %s)", source, count, reason, ", ".join(examples[reason][:5]))
     report = LoadReport(source, len(rows), len(problems), dict(dropped))
     return filter_levels(problems, report, levels), report
 
