@@ -163,9 +163,9 @@ def run(args: argparse.Namespace) -> object:
 
 
 def _comparison_result(cmp: dict, mlflow_url: str | None) -> dict:
-    from lens.compare_report import comparison_markdown
+    from pathlib import Path
 
-    print(comparison_markdown(cmp))
+    print(Path(cmp["files"]["md"]).read_text())
     return {"files": cmp["files"], "mlflow": mlflow_url}
 
 

@@ -19,8 +19,11 @@ class MicroBatch(NamedTuple):
     engine_logprobs: torch.Tensor      # [B, T-1] the rollout engine's log-probs
 
 
-def collate(rollouts: list[Rollout], advantages: torch.Tensor, idx: list[int], pad_id: int, device,
+def collate(rollouts: list[Rollout], advantages: torch.Tensor | None, idx: list[int], pad_id: int, device,
             old_logprobs: list[torch.Tensor] | None = None) -> MicroBatch:
+    """`advantages` None: a forward pass only (zeros; e.g. recomputing pi_old)."""
+    if advantages is None:
+        advantages = torch.zeros(len(rollouts))
     seqs = [rollouts[i].prompt_ids + rollouts[i].completion_ids for i in idx]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)

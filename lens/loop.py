@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
-from lens.records import RunFiles, atomic_write_json, read_rollouts
+from lens.records import atomic_write_json, read_rollouts
 from lens.train import Trainer
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class TrainingRun:
             summary["final_model"] = str(self.runner.phase("save_policy", t.save_final, arm=self.arm))
             self.runner.logger().info("%s: final policy saved to %s", self.arm, summary["final_model"])
         if t.accelerator.is_main_process:
-            atomic_write_json(RunFiles(self.params.algo_dir()).train_summary, summary, sort_keys=True, default=str)
+            atomic_write_json(t.files.train_summary, summary, sort_keys=True, default=str)
         return summary
 
     def close(self) -> None:

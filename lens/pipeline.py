@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lens import stages, versioning
@@ -188,13 +189,14 @@ def run_arm(params: Params, tracker: Tracker, runner: Runner, dataset: dict) -> 
 
 def run_comparison(params: Params, tracker: Tracker, runner: Runner) -> dict:
     """`stages.compare` of compare.arms, recorded on the tracker's (parent) run and published."""
-    from lens.compare_report import comparison_markdown, comparison_metrics, comparison_table
+    from lens.compare_report import comparison_metrics, comparison_table
 
     cmp = runner.phase("compare", lambda: stages.compare(params), arm=None)
+    markdown = Path(cmp["files"]["md"]).read_text()  # the report as written, not rendered again
     tracker.log_metrics(comparison_metrics(cmp), run_id=tracker.run_id)
     for path in cmp["files"].values():
         tracker.log_artifact(path, "compare", run_id=tracker.run_id)
-    tracker.set_description((params.root / "compare" / "compare.md").read_text(), run_id=tracker.run_id)
+    tracker.set_description(markdown, run_id=tracker.run_id)
     dirs = {arm: RunFiles(params.algo_dir(arm)).rollouts for arm in params.compare.arms}
     sample = sample_rollouts(dirs, params.root / "compare" / "rollouts_sample.parquet",
                              params.tracking.rollout_sample_rows, seed=params.run.seed)
@@ -203,8 +205,7 @@ def run_comparison(params: Params, tracker: Tracker, runner: Runner) -> dict:
 
         tracker.log_artifact(sample, "rollouts", run_id=tracker.run_id)
         tracker.log_table(pd.read_parquet(sample), "rollouts/sample.json", run_id=tracker.run_id)
-    runner.published("comparison", params, {"comparison": cmp, "markdown": comparison_markdown(cmp),
-                                            "table": comparison_table(cmp)})
+    runner.published("comparison", params, {"comparison": cmp, "markdown": markdown, "table": comparison_table(cmp)})
     return cmp
 
 

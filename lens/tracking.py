@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lens.params import flatten
-from lens.tracking_store import (BATCH_METRICS, BATCH_PARAMS, MAX_DIGEST, MAX_TAG_VALUE, TrackingError,  # noqa: F401
-                                 _numeric, check_server, metric_key, param_dict, param_strings,
+from lens.tracking_store import (BATCH_METRICS, BATCH_PARAMS, MAX_DIGEST, MAX_TAG_VALUE, TrackingError,
+                                 _numeric, check_server, metric_key, param_strings,
                                  redact_uri, resolve_tracking_uri, sqlite_path, without_secrets)
 from lens.versioning import git_commit
 

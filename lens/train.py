@@ -24,13 +24,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
-from lens.checkpoint import Checkpointer, check_fsdp_support, check_master_weights, params_fingerprint
+from lens.checkpoint import Checkpointer, params_fingerprint
+from lens.collate import MicroBatch, collate
 from lens.data import Problem, read_problems, render_prompt
 from lens.estimators import compute_advantages
 from lens.loss import policy_loss, token_logprobs_and_entropy
 from lens.models import load_policy
-from lens.collate import MicroBatch, collate
-from lens.records import ROLLOUT_COLUMNS, RunFiles, RunLock, append_metrics, rollout_columns, truncate_metrics, write_rollouts
+from lens.preflight import check_fsdp_support, check_master_weights
+from lens.records import (ROLLOUT_COLUMNS, RunFiles, RunLock, append_metrics, rollout_columns, truncate_metrics,
+                          write_rollouts)
 from lens.rollout import Rollout, SamplingConfig, make_engine
 from lens.step_stats import RolloutCounts, UpdateStats, reduce_over_processes
 from lens.verify import Verifier
@@ -215,10 +217,10 @@ class Trainer:
         """pi_old of every completion token from the trainer's forward pass, before any update of this
         batch, micro-batched as the update is (verl's compute_log_prob); on the CPU, one tensor per rollout."""
         out = []
-        advantages = torch.zeros(len(rollouts))
         for start in range(0, len(rollouts), self.params.train.micro_batch_size):
             idx = list(range(start, min(start + self.params.train.micro_batch_size, len(rollouts))))
-            input_ids, attention, mask, *_ = self._collate(rollouts, advantages, idx)
+            batch = self._collate(rollouts, None, idx)
+            input_ids, attention = batch.input_ids, batch.attention
             logp, _ = self._logprobs(self.model, input_ids, attention)
             for row, i in enumerate(idx):
                 begin = len(rollouts[i].prompt_ids) - 1
@@ -226,7 +228,7 @@ class Trainer:
         return out
 
     # ---- phase 3: policy update -----------------------------------------------------------------
-    def _collate(self, rollouts: list[Rollout], advantages: torch.Tensor, idx: list[int],
+    def _collate(self, rollouts: list[Rollout], advantages: torch.Tensor | None, idx: list[int],
                  old_logprobs: list[torch.Tensor] | None = None) -> MicroBatch:
         return collate(rollouts, advantages, idx, self.tokenizer.pad_token_id, self.accelerator.device, old_logprobs)
 

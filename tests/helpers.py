@@ -43,3 +43,17 @@ def shared_data_overrides() -> list[str]:
     files = {"math_train_path": "math/train_subset.jsonl", "math_eval_path": "math/math500.jsonl",
              "gsm8k_train_path": "gsm8k/train.jsonl", "gsm8k_eval_path": "gsm8k/test.jsonl"}
     return [f"data.{key}={SHARED_DATA / file}" for key, file in files.items()]
+
+
+def offline_load_errors(tmp_path: Path, probe: str) -> dict:
+    """Run `probe` (Python that prints a JSON dict as its last line) in a fresh process, offline, with an
+    empty Hugging Face cache: how a user's machine without the datasets behaves. Returns that dict."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])

@@ -28,6 +28,14 @@ def trained(tmp_path):
     return params
 
 
+def _resumed_step(params) -> int:
+    trainer = Trainer(params, resume=True)
+    try:
+        return trainer.state.step
+    finally:
+        trainer.close()
+
+
 def _files(directory):
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*"))
 
@@ -54,11 +62,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, dam
         data[-1] ^= 0xFF
         weights.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="lens.checkpoint"):
-        trainer = Trainer(trained, resume=True)
-    try:
-        assert trainer.state.step == 2
-    finally:
-        trainer.close()
+        assert _resumed_step(trained) == 2
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "step-000003" in warning and "step-000002" in warning  # names both
     assert newest.exists()  # kept for inspection
@@ -67,11 +71,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, dam
 def test_a_bad_latest_pointer_falls_back_to_the_newest_complete_checkpoint(trained):
     checkpoints = RunFiles(trained.algo_dir()).checkpoints
     (checkpoints / "latest").write_text("step-999999")
-    trainer = Trainer(trained, resume=True)
-    try:
-        assert trainer.state.step == 3
-    finally:
-        trainer.close()
+    assert _resumed_step(trained) == 3
 
 
 def test_no_usable_checkpoint_stops_the_resume_and_deletes_nothing(trained):
@@ -90,11 +90,7 @@ def test_resume_with_other_training_params_is_refused_naming_the_keys(trained, t
     with pytest.raises(ParamsError, match=r"rollout\.group_size: 4 -> 2.*train\.lr"):
         Trainer(changed, resume=True)
     longer = small_params(tmp_path, *RUN[:1], "train.steps=5", *RUN[2:])  # safe to change: train.steps
-    trainer = Trainer(longer, resume=True)
-    try:
-        assert trainer.state.step == 3
-    finally:
-        trainer.close()
+    assert _resumed_step(longer) == 3
 
 
 def test_a_damaged_final_policy_is_never_registered(trained):

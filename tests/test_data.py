@@ -43,7 +43,7 @@ from lens.data import (
 from lens.data.loaders import DAPO_PREFIX, DAPO_SUFFIX
 from lens.params import PROJECT_ROOT, ParamsError, load_params
 from tests.conftest import SHARED_DATA
-from tests.helpers import shared_data_overrides
+from tests.helpers import offline_load_errors, shared_data_overrides
 
 MATH500 = SHARED_DATA / "math" / "math500.jsonl"
 MATH_TRAIN = SHARED_DATA / "math" / "train_subset.jsonl"
@@ -627,10 +627,7 @@ print(json.dumps(errors))
 
 def test_offline_default_hub_datasets_not_in_the_cache_fail_naming_the_key(tmp_path):
     """The defaults are hub ids: offline with an empty cache (a fresh HF_HOME), each fails with its key."""
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", OFFLINE_PROBE], cwd=PROJECT_ROOT, env=env,
-                         capture_output=True, text=True, check=True)
-    errors = json.loads(out.stdout.splitlines()[-1])
+    errors = offline_load_errors(tmp_path, OFFLINE_PROBE)
     keys = {"math/train": "math_train_path", "math/eval": "math_eval_path", "gsm8k/train": "gsm8k_train_path",
             "mixture/eval": "gsm8k_eval_path",  # a mixture reads GSM8K before MATH
             "dapo/train": "dapo_train_path"}

@@ -7,8 +7,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the network
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,8 +22,8 @@ from lens.data import (
     read_problems,
 )
 from lens.evaluate import eval_metrics, read_eval
-from lens.params import PROJECT_ROOT, ParamsError, load_params
-from tests.helpers import random_policy, small_params
+from lens.params import ParamsError, load_params
+from tests.helpers import offline_load_errors, random_policy, small_params
 
 AOPS = "https://artofproblemsolving.com/wiki/index.php/"
 
@@ -173,10 +171,7 @@ print(json.dumps(errors))
 
 
 def test_offline_default_hub_ids_not_in_the_cache_fail_naming_the_key(tmp_path):
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", OFFLINE_PROBE], cwd=PROJECT_ROOT, env=env,
-                         capture_output=True, text=True, check=True)
-    errors = json.loads(out.stdout.splitlines()[-1])
+    errors = offline_load_errors(tmp_path, OFFLINE_PROBE)
     assert set(errors) == {"aime2024", "amc2023"}
     for name, error in errors.items():
         assert re.match(rf"data\.{name}_path: cannot load '[\w/-]+' \(ConnectionError", error), error

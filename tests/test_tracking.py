@@ -26,7 +26,8 @@ from lens.compare_report import comparison_metrics
 from lens.data import PLAIN_TEMPLATE
 from lens.evaluate import ProblemResult, eval_metrics, summarize
 from lens.params import PROJECT_ROOT
-from lens.tracking import DatasetRecord, Tracker, TrackingError, metric_key, param_dict, resolve_tracking_uri
+from lens.tracking import DatasetRecord, Tracker, TrackingError, metric_key, resolve_tracking_uri
+from lens.tracking_store import param_dict
 from lens.versioning import data_hash, file_sha256, locked_hash
 from tests.helpers import random_policy, small_params, synthetic_data
 from tests.mlflow_helpers import tracking_overrides
