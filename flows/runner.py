@@ -14,7 +14,6 @@ import time
 from contextlib import contextmanager
 from typing import Literal
 
-from omegaconf import OmegaConf
 from prefect import get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
@@ -23,21 +22,16 @@ from prefect.runtime import flow_run
 
 from lens import estimators
 from lens.loop import Runner
-from lens.params import DEFAULT_PARAMS_FILE, Params, load_params
+from lens.params import Params, load_params, profile_names
 
 ROUND_RETRIES = 2
 ROUND_RETRY_DELAY_S = 2.0
 HEARTBEAT_S = 30.0
 
 
-def _profile_names() -> tuple[str, ...]:
-    raw = OmegaConf.to_container(OmegaConf.load(DEFAULT_PARAMS_FILE)) if DEFAULT_PARAMS_FILE.exists() else {}
-    return tuple((raw or {}).get("profiles") or {"tiny": {}})  # type: ignore[union-attr]
-
-
 # Typed flow parameters: Prefect turns the Literals into JSON-schema enums, and deployments enforce their
 # parameter schema, so `-p algo=foo` or `-p profile=nope` is refused before a flow run is created.
-Profile = Literal[_profile_names()]  # type: ignore[valid-type]
+Profile = Literal[profile_names()]  # type: ignore[valid-type]
 Algo = Literal[estimators.names()]  # type: ignore[valid-type]
 
 

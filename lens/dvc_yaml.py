@@ -13,9 +13,7 @@ import ast
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from lens.params import DEFAULT_PARAMS_FILE, PROJECT_ROOT, load_params
+from lens.params import DEFAULT_PARAMS_FILE, PROJECT_ROOT, load_params, read_params_file
 from lens.versioning import ORCHESTRATION_ONLY_PARAMS
 
 # The modules that implement each stage; lens/stages.py and lens/params.py are deps of every stage as
@@ -88,7 +86,7 @@ def render(params_file: Path | None = None) -> str:
     arm_sections = {arm: estimators.get(arm).section for arm in arms}
     # DVC tracks only keys present in params.yaml: the train keys there, less the estimators' sections
     # (each arm declares its own) and the orchestration-only ones.
-    in_yaml = OmegaConf.to_container(OmegaConf.load(params_file))["train"]
+    in_yaml = read_params_file(params_file)["train"]
     sections = {e.section for e in map(estimators.get, estimators.names()) if e.section}
     shared_train = sorted(k for k in in_yaml if k not in sections and f"train.{k}" not in ORCHESTRATION_ONLY_PARAMS)
     foreach = "".join(f"      {arm}:\n        algo_params: {('train.' + s) if s else 'train.algo'}\n"

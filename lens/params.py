@@ -366,15 +366,26 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid params:\n  " + "\n  ".join(lines)
 
 
+def read_params_file(params_file: str | Path | None = None) -> dict[str, Any]:
+    """params.yaml as written (profiles and interpolations unresolved)."""
+    params_file = Path(params_file) if params_file else DEFAULT_PARAMS_FILE
+    raw = OmegaConf.to_container(OmegaConf.load(params_file), resolve=False) if params_file.exists() else {}
+    assert isinstance(raw, dict)
+    return raw
+
+
+def profile_names(params_file: str | Path | None = None) -> tuple[str, ...]:
+    """The profiles params.yaml defines (the Prefect flows' `profile` choices)."""
+    return tuple(read_params_file(params_file).get("profiles") or {"tiny": {}})
+
+
 def load_params(
     profile: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     params_file: str | Path | None = None,
 ) -> Params:
     """Resolve params.yaml + profile + `key.path=value` overrides into a validated Params."""
-    params_file = Path(params_file) if params_file else DEFAULT_PARAMS_FILE
-    raw = OmegaConf.to_container(OmegaConf.load(params_file), resolve=False) if params_file.exists() else {}
-    assert isinstance(raw, dict)
+    raw = read_params_file(params_file)
     profiles: dict[str, Any] = raw.pop("profiles", {}) or {}
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
