@@ -265,16 +265,14 @@ def read_eval(path: str | os.PathLike[str]) -> dict[str, Any]:
 # ---- evaluation of a policy (model-driven) -------------------------------------------------------
 
 
-def evaluate_policy(params, model_path: str | Path, problems, extra_sets: dict[str, list] | None = None,
-                    engine=None) -> dict[str, Any]:
+def evaluate_policy(params, model_path: str | Path, problems, extra_sets: dict[str, list] | None = None) -> dict:
     """Load the policy at `model_path` and evaluate it (`evaluate_engine`) on `problems`, and on each of
     `extra_sets` under "sets" (same sampling settings), with ONE engine (a vLLM start is costly)."""
     from lens.models import load_policy
     from lens.rollout import make_engine
 
     model, tokenizer = load_policy(params, model_path)
-    own_engine = engine is None
-    engine = engine or make_engine(params, model, tokenizer)
+    engine = make_engine(params, model, tokenizer)
     try:
         summary = evaluate_engine(params, engine, tokenizer, problems)
         if extra_sets:  # the main set stays at the top level
@@ -282,8 +280,7 @@ def evaluate_policy(params, model_path: str | Path, problems, extra_sets: dict[s
                                for name, extra in extra_sets.items()}
         return summary
     finally:
-        if own_engine:
-            engine.close()
+        engine.close()
 
 
 def evaluate_engine(params, engine, tokenizer, problems) -> dict[str, Any]:
