@@ -14,8 +14,9 @@ from lens.pipeline import run_pipeline
 
 @flow(name="lens-compare", flow_run_name="{profile}-compare",
       description="Every arm of compare.arms on the same data, seed and budget; per-level comparison as artifacts.")
-def lens_compare(profile: Profile = "tiny", overrides: list[str] = []) -> dict:  # noqa: B006
+def lens_compare(profile: Profile = "tiny", overrides: list[str] = [], resume: bool = True) -> dict:  # noqa: B006
     """Train and evaluate each arm, compare each with compare.baseline per level (paired bootstrap).
+    `resume`: arms a killed flow left unfinished continue from their last checkpoint (false: afresh).
 
     Outputs: runs/<profile>/<arm>/..., runs/<profile>/compare/compare.{md,csv,json} and plots; artifacts
     `<profile>-compare` (markdown) and `<profile>-compare-levels` (table); with tracking.enabled, an
@@ -24,7 +25,7 @@ def lens_compare(profile: Profile = "tiny", overrides: list[str] = []) -> dict: 
     base = resolve_params(profile, overrides)  # ParamsError: the run fails before any task
     arms = {arm: resolve_params(profile, overrides, arm) for arm in base.compare.arms}
     result = run_pipeline(base, arms.__getitem__, PrefectRunner(), arms=list(arms), compare=True, record_dvc=True,
-                          run_name=f"compare-{flow_run_label(profile)}")
+                          run_name=f"compare-{flow_run_label(profile)}", resume="auto" if resume else False)
     cmp = result["comparison"]
     return {"profile": profile, "compare_md": cmp["files"]["md"], "files": cmp["files"],
             "accuracy": cmp["accuracy"], "eval": {a: r["evaluation"]["metrics"] for a, r in result["arms"].items()},

@@ -15,15 +15,17 @@ from lens.pipeline import run_pipeline
 
 @flow(name="lens-train", flow_run_name="{profile}-{algo}",
       description="Train one estimator in checkpointed, retried rounds; evaluate it per level.")
-def lens_train(profile: Profile = "tiny", algo: Algo = "lens", overrides: list[str] = []) -> dict:  # noqa: B006
+def lens_train(profile: Profile = "tiny", algo: Algo = "lens", overrides: list[str] = [],  # noqa: B006
+               resume: bool = True) -> dict:
     """Train `algo` on `profile` (params.yaml; `overrides` are `key.path=value` strings), then evaluate.
+    `resume`: a run a killed flow left unfinished continues from its last checkpoint (false: afresh).
 
     Outputs: runs/<profile>/<algo>/{metrics.jsonl, rollouts/, checkpoints/, final/, eval.json}; a markdown
     artifact `<profile>-<algo>-eval`; with tracking.enabled, an MLflow parent run with a child run `algo`.
     """
     params = resolve_params(profile, overrides, algo)  # ParamsError: the run fails before any task
     result = run_pipeline(params, lambda arm: params, PrefectRunner(), arms=[algo], compare=False, record_dvc=True,
-                          run_name=f"train-{algo}-{flow_run_label(profile)}")
+                          run_name=f"train-{algo}-{flow_run_label(profile)}", resume="auto" if resume else False)
     arm = result["arms"][algo]
     return {"algo": algo, "profile": profile, "steps": arm["training"]["step"], "eval": arm["evaluation"]["metrics"],
             "eval_file": str(params.algo_dir(algo) / "eval.json"), "dataset_hash": result["dataset"]["hash"],

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--algo", choices=estimators.names(), default=None, help="sets train.algo")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        if name == "all":
+            p.add_argument("--resume", action="store_true",
+                           help="continue the arms a killed run left unfinished (finished arms train afresh)")
+        if name == "train":
             p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps")
             p.add_argument("--dry-run", action="store_true",
                            help="validate the configuration and print the plan; load and download nothing")
@@ -156,7 +160,8 @@ def run(args: argparse.Namespace) -> object:
         t0 = time.perf_counter()
         result = pipeline.run_pipeline(
             params, lambda arm: load_params(args.profile, overrides + [f"train.algo={arm}"], args.params_file),
-            runner, arms=params.compare.arms, compare=True, run_name=f"all-{params.profile}")
+            runner, arms=params.compare.arms, compare=True, run_name=f"all-{params.profile}",
+            resume="auto" if args.resume else False)
         return _comparison_result(result["comparison"], result["mlflow_url"]) | {
             "seconds": round(time.perf_counter() - t0, 1)}
     raise AssertionError(cmd)

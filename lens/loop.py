@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from lens.records import atomic_write_json, read_rollouts
 from lens.train import Trainer
@@ -86,7 +86,7 @@ def plan_rounds(done: int, target: int, steps: int, steps_per_round: int) -> lis
 class TrainingRun:
     """One arm's training run: owns the Trainer, runs rounds through the runner, writes the summary."""
 
-    def __init__(self, params, *, resume: bool = False, runner: Runner | None = None, callbacks: Iterable = ()):
+    def __init__(self, params, *, resume: bool | Literal["auto"] = False, runner: Runner | None = None, callbacks: Iterable = ()):
         self.params, self.runner, self.callbacks = params, runner or Runner(), list(callbacks)
         self.arm = params.train.algo
         self.started = time.perf_counter()
@@ -95,7 +95,7 @@ class TrainingRun:
         self.needs_restore = False
         self.trainer = self.runner.phase("open_trainer", partial(self._new_trainer, resume), arm=self.arm)
 
-    def _new_trainer(self, resume: bool) -> Trainer:
+    def _new_trainer(self, resume: bool | Literal["auto"]) -> Trainer:
         return Trainer(self.params, resume=resume, callbacks=self.callbacks)
 
     def run(self, max_steps: int | None = None) -> dict:
@@ -205,7 +205,7 @@ class TrainingRun:
         self.trainer.close()
 
 
-def train(params, *, resume: bool = False, max_steps: int | None = None, runner: Runner | None = None,
+def train(params, *, resume: bool | Literal["auto"] = False, max_steps: int | None = None, runner: Runner | None = None,
           callbacks: Iterable = ()) -> dict:
     """RL-train `train.algo` to train.steps (or `max_steps` more); returns the run summary."""
     run = TrainingRun(params, resume=resume, runner=runner, callbacks=callbacks)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lens import stages, versioning
 from lens.loop import Runner
@@ -123,8 +123,9 @@ def record_dataset(tracker: Tracker, params: Params, digest: str) -> None:
         tracker.log_artifact(report, "data")
 
 
-def train_arm(params: Params, tracker: Tracker, runner: Runner, *, resume: bool = False,
+def train_arm(params: Params, tracker: Tracker, runner: Runner, *, resume: bool | Literal["auto"] = False,
               max_steps: int | None = None) -> dict:
+    """stages.train with the tracker's step callback (resume: see lens.train.Trainer)."""
     return stages.train(params, resume=resume, max_steps=max_steps, runner=runner,
                         callbacks=[tracker.step_callback()])
 
@@ -173,12 +174,13 @@ def publish_policy(params: Params, tracker: Tracker, runner: Runner) -> str | No
     return version
 
 
-def run_arm(params: Params, tracker: Tracker, runner: Runner, dataset: dict) -> dict:
+def run_arm(params: Params, tracker: Tracker, runner: Runner, dataset: dict,
+            resume: bool | Literal["auto"] = False) -> dict:
     """One arm end to end, in its own tracked child run: train -> evaluate -> record."""
     arm = params.train.algo
     with tracker.algo_run(arm, params, tags=runner.run_tags()):
         record_dataset(tracker, params, dataset["hash"])
-        training = train_arm(params, tracker, runner)
+        training = train_arm(params, tracker, runner, resume=resume)
         evaluation = evaluate_arm(params, tracker, runner)
         version = publish_policy(params, tracker, runner)
     return {"training": training, "evaluation": evaluation, "model_version": version}
@@ -213,13 +215,15 @@ def run_comparison(params: Params, tracker: Tracker, runner: Runner) -> dict:
 
 
 def run_pipeline(base: Params, arm_params: Callable[[str], Params], runner: Runner, *, arms: list[str],
-                 compare: bool, record_dvc: bool = False, run_name: str | None = None) -> dict:
+                 compare: bool, record_dvc: bool = False, run_name: str | None = None,
+                 resume: bool | Literal["auto"] = False) -> dict:
     """Inputs, then every arm, then (with `compare`) the comparison, under one tracked parent run;
-    finally the outputs are recorded in dvc.lock when `record_dvc` and the run used params.yaml's values."""
+    finally the outputs are recorded in dvc.lock when `record_dvc` and the run used params.yaml's values.
+    `resume="auto"`: an arm a killed run left unfinished continues from its last checkpoint."""
     reason_not = dvc_reason_not(base) if record_dvc else "not asked to record in DVC"
     with Tracker(base, run_name=run_name, tags=runner.run_tags()) as tracker:
         dataset = prepare_inputs(base, runner, record_dvc=reason_not is None)
-        results = {arm: run_arm(arm_params(arm), tracker, runner, dataset) for arm in arms}
+        results = {arm: run_arm(arm_params(arm), tracker, runner, dataset, resume) for arm in arms}
         cmp = run_comparison(base, tracker, runner) if compare else None
     dvc = {"recorded": False, "reason": reason_not}
     if record_dvc:

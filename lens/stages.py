@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 from lens.params import Params
 from lens.records import RunFiles, atomic_write_json, read_metrics
@@ -64,7 +65,7 @@ def warm_start(params: Params) -> dict:
     return run_warm_start(params)
 
 
-def train(params: Params, resume: bool = False, max_steps: int | None = None, callbacks: list | None = None,
+def train(params: Params, resume: bool | Literal["auto"] = False, max_steps: int | None = None, callbacks: list | None = None,
           runner=None) -> dict:
     """RL-train the policy with `train.algo` (lens.loop); writes <algo>/final when train.steps is reached."""
     from lens.loop import train as run_training

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -83,8 +84,11 @@ def _step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
 
 
 class Trainer:
-    def __init__(self, params, *, resume: bool = False, accelerator: Accelerator | None = None,
+    def __init__(self, params, *, resume: bool | Literal["auto"] = False, accelerator: Accelerator | None = None,
                  callbacks: list | None = None):
+        """resume: True continues from the last usable checkpoint (`lens train --resume`); "auto" does so only
+        when the arm's last run was interrupted (a finished run's directory starts afresh: a re-run after a
+        code change must not reuse it); False starts afresh."""
         self.params = params
         tp = params.train
         check_master_weights(params)
@@ -139,6 +143,10 @@ class Trainer:
 
             if self.accelerator.is_main_process:
                 self.files.dir.mkdir(parents=True, exist_ok=True)
+            if resume == "auto":
+                resume = self.files.interrupted()
+                if resume:
+                    log.info("%s: the last run here was interrupted: resuming it", self.files.dir)
             if resume:
                 # Never deletes: a usable checkpoint is loaded (an unusable newest one is skipped with a warning);
                 # checkpoints that exist but none usable stop the run (CheckpointError); with none at all, the
@@ -154,6 +162,7 @@ class Trainer:
                 shutil.rmtree(self.files.rollouts, ignore_errors=True)
                 shutil.rmtree(self.files.evals, ignore_errors=True)
                 self.files.metrics.unlink(missing_ok=True)
+                self.files.train_summary.unlink(missing_ok=True)  # it described the run being replaced
             self.accelerator.wait_for_everyone()
         except BaseException:
             if self._lock is not None:  # a failed start leaves the directory free for the next attempt
