@@ -94,6 +94,9 @@ class TrainingRun:
         self.last_metrics: dict = {}
         self.needs_restore = False
         self.trainer = self.runner.phase("open_trainer", partial(self._new_trainer, resume), arm=self.arm)
+        if self.trainer.state.step:
+            self.runner.logger().info("%s: resuming at step %d from %s", self.arm, self.trainer.state.step + 1,
+                                      self.trainer.latest_checkpoint())
 
     def _new_trainer(self, resume: bool | Literal["auto"]) -> Trainer:
         return Trainer(self.params, resume=resume, callbacks=self.callbacks)
