@@ -3,7 +3,11 @@
 Per token: rho = exp(logp - logp_old); loss_t = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)),
 plus beta * k3 KL to a reference policy when beta > 0. Options off by default (the paper uses neither):
 dual clip (verl's clip_ratio_c: for A < 0, loss_t <= c |A|) and per-token importance weights (the
-truncated weights that correct the rollout engine's log-probs towards the trainer's). Aggregation:
+truncated weights that correct the rollout engine's log-probs towards the trainer's). Advantages are one per
+sequence [B], broadcast to its tokens, or one per token [B, T] (LENS's per-token penalty). Clipping by
+advantage sign (NGRPO's asymmetric clipping: eps_pos for A > 0, eps_neg for A < 0) is clip_high = eps_pos,
+clip_low = eps_neg: in the pessimistic max only the upper bound can bind when A > 0 and only the lower when
+A < 0. Aggregation:
 - "seq-mean-token-mean" (the paper's): mean over tokens of each sequence, then mean over sequences;
 - "token-mean": mean over every token of the mini-batch (DAPO-style).
 
@@ -48,11 +52,15 @@ def policy_loss(
     dual_clip_c: float | None = None,
     is_weights: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Shapes: logprobs/old_logprobs/mask [B, T], advantages [B] (one value per sequence)."""
+    """Shapes: logprobs/old_logprobs/mask [B, T], advantages [B] (one per sequence) or [B, T] (per token)."""
     if kl_beta > 0 and ref_logprobs is None:
         raise ValueError("kl_beta > 0 needs ref_logprobs")
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"advantages shape {tuple(advantages.shape)} is neither [B] nor [B, T] for log-probs "
+                         f"{tuple(logprobs.shape)}")
     mask = mask.to(logprobs.dtype)
-    adv = advantages.to(logprobs.dtype).unsqueeze(1)
+    adv = advantages.to(logprobs.dtype)
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)

@@ -174,6 +174,42 @@ class LensParams(Section):
     negative_groups: bool = Field(True, description="Give negative (all-wrong) groups a signal.")
     scale_std: bool = Field(True, description="Divide mixed groups' centred r~ (and the GRPO fallback) by the "
                                               "group std (False: Dr.GRPO-style centring only).")
+    negative_difficulty: Literal["twice_max_confidence", "max_confidence_multiple", "most_confident_as_correct"] = \
+        Field("twice_max_confidence",
+              description="D(q) on negative groups: twice_max_confidence (the paper, 2 max pbar), "
+                          "max_confidence_multiple (difficulty_multiple x max pbar), most_confident_as_correct "
+                          "(G max pbar: D_imp as if the most confident answer were the one correct answer).")
+    difficulty_multiple: float = Field(
+        2.0, gt=1, description="The factor of max pbar in D(q) on negative groups when negative_difficulty="
+                               "max_confidence_multiple (the paper fixes it at 2).")
+    penalty: Literal["sequence", "token"] = Field(
+        "sequence", description="sequence (the paper): a wrong answer's penalty uses its length-normalised "
+                                "confidence pbar, the same on every token; token: each token's own pi_old "
+                                "probability (needs the trainer's per-token path, docs/ALGORITHMS.md).")
+
+    @model_validator(mode="after")
+    def _multiple_only_with_its_rule(self) -> LensParams:
+        if self.difficulty_multiple != 2.0 and self.negative_difficulty != "max_confidence_multiple":
+            raise ValueError(f"difficulty_multiple={self.difficulty_multiple} has no effect unless "
+                             "negative_difficulty=max_confidence_multiple")
+        return self
+
+
+class NgrpoParams(Section):
+    virtual_samples: int = Field(
+        1, ge=1, description="Virtual samples of the maximum reward (1) added to each group's mean and std "
+                             "(the paper: 1).")
+
+
+class WReinforceParams(Section):
+    positive_weight: float = Field(
+        0.1, ge=0, description="lambda: advantage of a correct answer (a wrong one gets -1); the paper: 0.1.")
+
+
+class UnlikelinessParams(Section):
+    rank_penalty: float = Field(
+        0.25, ge=0, le=1, description="beta_rank: a correct answer's reward is 1 - beta_rank * rank / G, rank 0 "
+                                      "for its group's least likely answer by mean token log-prob (the paper: 0.25).")
 
 
 class TrainParams(Section):
@@ -211,6 +247,9 @@ class TrainParams(Section):
     steps_per_round: int = Field(10, ge=1, description="Steps per orchestration round (Prefect task).")
     grpo: GrpoParams = GrpoParams()
     lens: LensParams = LensParams()
+    ngrpo: NgrpoParams = NgrpoParams()
+    w_reinforce: WReinforceParams = WReinforceParams()
+    unlikeliness: UnlikelinessParams = UnlikelinessParams()
 
     @field_validator("algo")
     @classmethod
@@ -261,8 +300,20 @@ class EvalParams(Section):
 
 
 class VerifyParams(Section):
-    timeout_s: float = Field(5.0, gt=0, description="Per-call time limit of the verifier.")
+    timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="Per-item time limit of the verifier in seconds (at most an hour); also "
+                                        "bounds each gold answer's check at prepare.")
     workers: int = Field(2, ge=1, description="Parallel verifier processes.")
+    max_completion_chars: int = Field(
+        100_000, ge=1, description="Longer completions score 0 unverified (counted as rejected).")
+    max_error_rate: float = Field(
+        0.5, ge=0, le=1, description="A step whose verifier errors + timeouts exceed this fraction of its samples "
+                                     "is unhealthy (1: never).")
+    zero_reward_alarm_steps: int = Field(
+        50, ge=0, description="Unhealthy after this many consecutive steps with every reward 0 while the gold "
+                              "answers parse (0: off).")
+    on_unhealthy: Literal["stop", "warn"] = Field(
+        "stop", description="An unhealthy step stops the run (RewardHealthError) or logs a loud warning.")
 
 
 class TrackingParams(Section):
@@ -281,6 +332,19 @@ class TrackingParams(Section):
     system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system-metric samples.")
     rollout_sample_rows: int = Field(
         64, ge=1, description="Rollouts per algorithm in the sample logged with the comparison.")
+    flush_timeout_s: float = Field(
+        30.0, ge=0, description="Seconds closing a run waits for its unsent records; the rest stays in "
+                                "<dir>/tracking_buffer.jsonl and is sent by the next run on those outputs.")
+    retry_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between attempts to reach a store that stopped answering mid-run.")
+    http_timeout_s: int = Field(
+        30, ge=1, description="MLflow's HTTP request timeout in this process (MLFLOW_HTTP_REQUEST_TIMEOUT, "
+                              "unless exported).")
+    http_max_retries: int = Field(
+        2, ge=0, description="MLflow's HTTP retries per request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, unless exported).")
+    http_backoff_factor: int = Field(
+        1, ge=0, description="MLflow's HTTP retry back-off factor in seconds (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, "
+                             "unless exported).")
 
 
 class CompareParams(Section):

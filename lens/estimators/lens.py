@@ -15,13 +15,40 @@ from lens.estimators.groups import check_correct, group_masks
 _PBAR_FLOOR = 1e-30
 
 
-def calibrated_rewards(correct: torch.Tensor, mean_logprob: torch.Tensor) -> torch.Tensor:
+# How D(q) is set on a negative group, where the importance estimate D_imp is undefined (no correct
+# answer). Each rule is a factor times the group's largest confidence, so every penalty stays finite and
+# depends on relative confidence only (scaling every pbar by c changes nothing). Mixed groups always use
+# the paper's max(D_imp, 2 max pbar).
+NEGATIVE_DIFFICULTY_RULES = ("twice_max_confidence", "max_confidence_multiple", "most_confident_as_correct")
+
+
+def negative_difficulty_factor(rule: str, group_size: int, multiple: float = 2.0) -> float:
+    """D(q) / max pbar on a negative group.
+
+    - twice_max_confidence (the paper): 2; the most confident wrong answer's penalty is exactly 1/G.
+    - max_confidence_multiple: `multiple` (> 1), the paper's factor 2 made a knob; penalties <= 1/((m-1)G).
+    - most_confident_as_correct: G, the importance estimate D_imp had the most confident answer been the
+      one correct answer ((1/G) * 1/max pbar)^-1; penalties <= 1/((G-1)G), smaller as G grows.
+    """
+    if rule == "twice_max_confidence":
+        return 2.0
+    if rule == "max_confidence_multiple":
+        if not multiple > 1:
+            raise ValueError(f"train.lens.difficulty_multiple must be > 1 (D above every pbar), got {multiple}")
+        return float(multiple)
+    if rule == "most_confident_as_correct":
+        return float(group_size)
+    raise ValueError(f"train.lens.negative_difficulty: unknown rule {rule!r} (one of {NEGATIVE_DIFFICULTY_RULES})")
+
+
+def calibrated_rewards(correct: torch.Tensor, mean_logprob: torch.Tensor,
+                       negative_rule: str = "twice_max_confidence", difficulty_multiple: float = 2.0) -> torch.Tensor:
     """LENS's calibrated reward r~ (LENS.md steps 1-3), float64, shape [num_groups, G].
 
     Correct answers keep 1; a wrong answer gets -(1/G) * pbar / (D - pbar), a penalty that grows with
     the policy's confidence pbar in it. D is the difficulty estimate: for a group with at least one
-    correct answer max(D_imp, 2 max pbar), else 2 max pbar. All-correct groups have no wrong answer, so
-    their r~ is simply 1.
+    correct answer max(D_imp, 2 max pbar), else `negative_difficulty_factor(negative_rule, ...) * max pbar`
+    (the paper's 2 max pbar by default). All-correct groups have no wrong answer, so their r~ is simply 1.
     """
     r = check_correct(correct)
     if mean_logprob.shape != correct.shape:
@@ -35,6 +62,9 @@ def calibrated_rewards(correct: torch.Tensor, mean_logprob: torch.Tensor) -> tor
     has_correct = inv_mean > 0
     d_imp = torch.where(has_correct, 1.0 / inv_mean.clamp_min(torch.finfo(torch.float64).tiny), two_max_pbar)
     difficulty = torch.maximum(d_imp, two_max_pbar)
+    if negative_rule != "twice_max_confidence":  # the default path stays the paper's arithmetic, bit for bit
+        factor = negative_difficulty_factor(negative_rule, G, difficulty_multiple)
+        difficulty = torch.where(has_correct, difficulty, factor * pbar.max(dim=1, keepdim=True).values)
     penalty = (1.0 / G) * pbar / (difficulty - pbar)
     return r - (1.0 - r) * penalty
 
@@ -47,6 +77,8 @@ def lens_advantages(
     negative_groups: bool = True,
     eps: float = 1e-6,
     scale_std: bool = True,
+    negative_rule: str = "twice_max_confidence",
+    difficulty_multiple: float = 2.0,
 ) -> torch.Tensor:
     """LENS advantages, exactly LENS.md "What is actually run" step 4.
 
@@ -54,11 +86,12 @@ def lens_advantages(
       scale_std=False: centring only, in both (a Dr.GRPO-style LENS)]
     - negative group: alpha * (r~ - mean), centring only, alpha folded in  [negative_groups=False: zero]
     - all-correct group: zero.
-    `mean_logprob[g, i]` is response i's mean token log-prob under the rollout (old) policy.
+    `mean_logprob[g, i]` is response i's mean token log-prob under the rollout (old) policy;
+    `negative_rule` / `difficulty_multiple` choose D(q) on negative groups (`negative_difficulty_factor`).
     """
     r = check_correct(correct)
     all_correct, all_wrong, mixed = group_masks(correct)
-    r_tilde = calibrated_rewards(correct, mean_logprob)
+    r_tilde = calibrated_rewards(correct, mean_logprob, negative_rule, difficulty_multiple)
 
     centred = r_tilde - r_tilde.mean(dim=1, keepdim=True)
     lens_mixed = centred / (r_tilde.std(dim=1, keepdim=True) + eps) if scale_std else centred
@@ -72,7 +105,18 @@ def lens_advantages(
     return adv.to(torch.float32)
 
 
+def section_kwargs(section) -> dict:
+    """lens_advantages' keyword arguments from a `train.lens` section (LensParams)."""
+    return dict(alpha=section.alpha, mixed_groups=section.mixed_groups, negative_groups=section.negative_groups,
+                scale_std=section.scale_std, negative_rule=section.negative_difficulty,
+                difficulty_multiple=section.difficulty_multiple)
+
+
 @register("lens", section="lens", summary="LENS: confidence-weighted penalties make all-wrong groups carry signal")
 def lens(correct: torch.Tensor, mean_logprob: torch.Tensor, section, eps: float) -> torch.Tensor:
-    return lens_advantages(correct, mean_logprob, alpha=section.alpha, mixed_groups=section.mixed_groups,
-                           negative_groups=section.negative_groups, eps=eps, scale_std=section.scale_std)
+    if section.penalty != "sequence":
+        # One value per response is all this contract carries; the per-token penalty needs every token's
+        # pi_old, so the trainer computes it itself (lens.estimators.lens_token, docs/ALGORITHMS.md).
+        raise ValueError(f"train.lens.penalty={section.penalty!r} needs per-token log-probs, which the estimator "
+                         "contract does not carry: compute it with lens.estimators.lens_token.token_advantages")
+    return lens_advantages(correct, mean_logprob, eps=eps, **section_kwargs(section))
