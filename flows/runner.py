@@ -136,3 +136,9 @@ class PrefectRunner(Runner):
                                      description=f"{arms} per level ({params.profile})")
             create_table_artifact(table=payload["table"], key=f"{key}-compare-levels",
                                   description=f"{arms}: accuracy per level with paired-bootstrap CIs ({params.profile})")
+        elif kind == "study":
+            arms = ", ".join(payload["study"]["arms"])
+            create_markdown_artifact(markdown=payload["markdown"], key=f"{key}-study",
+                                     description=f"study {arms} over seeds ({params.profile})")
+            create_table_artifact(table=payload["table"], key=f"{key}-study-table",
+                                  description=f"study {arms}: accuracy per arm with CIs over seeds ({params.profile})")

@@ -2,6 +2,7 @@
 
     lens-train/tiny      served by this process (infra/services.sh starts it): runs on this machine
     lens-compare/tiny    served by this process
+    lens-study/tiny      served by this process
     lens-train/paper     registered for the GPU work pool LENS_GPU_POOL (default "lens-gpu"); a worker on
                          a GPU box runs it: `prefect worker start --pool lens-gpu` in a checkout of this
                          repository with the environment installed
@@ -36,7 +37,7 @@ SERVE_LIMIT = int(os.environ.get("LENS_SERVE_LIMIT", "1"))  # runs share runs/<p
 
 @dataclass(frozen=True)
 class Deployment:
-    flow: str                       # "lens-train" | "lens-compare"
+    flow: str                       # "lens-train" | "lens-compare" | "lens-study"
     name: str
     parameters: dict
     description: str
@@ -57,6 +58,9 @@ def declared() -> list[Deployment]:
         Deployment("lens-compare", "tiny", {"profile": "tiny", "overrides": []},
                    "GRPO vs LENS on the tiny profile: same data, seed and budget; per-level comparison.",
                    tags=("tiny", "cpu")),
+        Deployment("lens-study", "tiny", {"profile": "tiny", "overrides": []},
+                   "Estimators x seeds on the tiny profile from one warm start: CIs over seeds, paired differences.",
+                   tags=("tiny", "cpu")),
         Deployment("lens-train", "paper", {"profile": "paper", "algo": "lens", "overrides": []},
                    "The paper's setup (Qwen2.5-3B on MATH, vLLM rollouts) on a GPU work pool.",
                    work_pool=GPU_POOL, job_variables={"env": {"TOKENIZERS_PARALLELISM": "false"}},
@@ -66,9 +70,10 @@ def declared() -> list[Deployment]:
 
 def _flow(name: str):
     from flows.lens_compare import lens_compare
+    from flows.lens_study import lens_study
     from flows.lens_train import lens_train
 
-    return {"lens-train": lens_train, "lens-compare": lens_compare}[name]
+    return {"lens-train": lens_train, "lens-compare": lens_compare, "lens-study": lens_study}[name]
 
 
 def runner_deployment(d: Deployment):

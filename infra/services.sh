@@ -63,7 +63,7 @@ url_of() {
   case $1 in
     prefect) echo "$PREFECT_URL" ;;
     mlflow) echo "$MLFLOW_URL" ;;
-    deployments) echo "lens-train/tiny, lens-compare/tiny (served), lens-train/paper (work pool ${LENS_GPU_POOL:-lens-gpu})" ;;
+    deployments) echo "lens-train/tiny, lens-compare/tiny, lens-study/tiny (served), lens-train/paper (work pool ${LENS_GPU_POOL:-lens-gpu})" ;;
   esac
 }
 

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from lens import estimators
 from lens.params import ParamsError, flatten, load_params
@@ -18,6 +19,8 @@ COMMANDS = {
     "evaluate": "per-level accuracy and pass@k of a trained policy (--algo or --model)",
     "compare": "every arm (compare.arms) vs the baseline per level, paired-bootstrap confidence intervals",
     "all": "prepare, warm-start, train and evaluate every arm of compare.arms, compare",
+    "study": "every arm of study.arms x every seed of study.seeds from one warm start, then one report with "
+             "CIs over seeds (a re-run skips finished runs)",
     "params": "print the resolved parameters (--explain: with one-line meanings)",
 }
 
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--model", default=None, help="evaluate this model directory instead of <algo>/final")
             p.add_argument("--out", default=None, help="where to write the evaluation JSON")
+        if name == "study":
+            p.add_argument("--jobs", type=int, default=None, help="runs trained at once (sets study.jobs)")
         if name == "params":
             p.add_argument("--explain", action="store_true", help="show each key's meaning")
     return parser
@@ -119,6 +124,8 @@ def run(args: argparse.Namespace) -> object:
     overrides = list(args.overrides)
     if getattr(args, "algo", None):
         overrides.append(f"train.algo={args.algo}")
+    if getattr(args, "jobs", None):
+        overrides.append(f"study.jobs={args.jobs}")
     params = load_params(args.profile, overrides, args.params_file)
     from lens import stages
 
@@ -164,12 +171,16 @@ def run(args: argparse.Namespace) -> object:
             resume="auto" if args.resume else False)
         return _comparison_result(result["comparison"], result["mlflow_url"]) | {
             "seconds": round(time.perf_counter() - t0, 1)}
+    if cmd == "study":
+        from lens.study import run_study
+
+        result = run_study(params, runner)
+        print(Path(result["files"]["md"]).read_text())
+        return result
     raise AssertionError(cmd)
 
 
 def _comparison_result(cmp: dict, mlflow_url: str | None) -> dict:
-    from pathlib import Path
-
     print(Path(cmp["files"]["md"]).read_text())
     return {"files": cmp["files"], "mlflow": mlflow_url}
 

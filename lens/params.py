@@ -368,6 +368,34 @@ class CompareParams(Section):
         return self
 
 
+class StudyParams(Section):
+    arms: list[str] = Field(["grpo", "lens"], description="Arms of a study (`lens study`): registered estimators "
+                                                          "or names of study.variants; each trained with every seed "
+                                                          "from the same warm start.")
+    variants: dict[str, list[str]] = Field(
+        {}, description="Named arms with their own overrides, e.g. {lens_negative_only: [train.algo=lens, "
+                        "train.lens.mixed_groups=false]} or an alpha sweep.")
+    baseline: str = Field("grpo", description="The arm every other arm is compared with (paired by seed and problem).")
+    seeds: list[int] = Field([0, 1, 2], description="run.seed of each run of every arm.")
+    name: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Outputs go to <root>/<profile>/studies/<name>/ (a re-run skips finished runs).")
+    jobs: int = Field(1, ge=1, description="Runs trained at once, in processes of their own (CPU: 1 thread each).")
+
+    @model_validator(mode="after")
+    def _arms_and_seeds(self) -> StudyParams:
+        from lens import estimators
+
+        unknown = [a for a in self.arms if a not in estimators.names() and a not in self.variants]
+        if unknown:
+            raise ValueError(f"arms: {unknown} are neither registered estimators ({', '.join(estimators.names())}) "
+                             f"nor study.variants ({', '.join(self.variants) or 'none'})")
+        if len(set(self.arms)) != len(self.arms) or self.baseline not in self.arms:
+            raise ValueError(f"arms must be distinct and include the baseline {self.baseline!r}, got {self.arms}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: need at least one, each once, got {self.seeds}")
+        return self
+
+
 def _check_batches(params: Params) -> None:
     """Settings that only fail together: refused before anything loads, naming the keys."""
     samples = params.train.prompts_per_step * params.rollout.group_size
@@ -388,6 +416,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     compare: CompareParams = CompareParams()
+    study: StudyParams = StudyParams()
     verify: VerifyParams = VerifyParams()
     tracking: TrackingParams = TrackingParams()
 
@@ -465,6 +494,17 @@ def load_params(
     merged.profile = profile
     try:
         return Params.model_validate(OmegaConf.to_container(merged, resolve=True))
+    except ValidationError as err:
+        raise ParamsError(_format_validation_error(err)) from None
+
+
+def with_overrides(params: Params, overrides: list[str] | tuple[str, ...]) -> Params:
+    """`params` with `key.path=value` overrides applied on top, validated like load_params's."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(params.model_dump(mode="json")), OmegaConf.from_dotlist(list(overrides)))
+        return Params.model_validate(OmegaConf.to_container(merged, resolve=True))
+    except OmegaConfBaseException as exc:
+        raise ParamsError(f"malformed override in {list(overrides)}: {exc}") from exc
     except ValidationError as err:
         raise ParamsError(_format_validation_error(err)) from None
 

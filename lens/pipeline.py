@@ -175,10 +175,12 @@ def publish_policy(params: Params, tracker: Tracker, runner: Runner) -> str | No
 
 
 def run_arm(params: Params, tracker: Tracker, runner: Runner, dataset: dict,
-            resume: bool | Literal["auto"] = False) -> dict:
-    """One arm end to end, in its own tracked child run: train -> evaluate -> record."""
+            resume: bool | Literal["auto"] = False, run_name: str | None = None,
+            tags: dict | None = None) -> dict:
+    """One arm end to end, in its own tracked child run (`run_name`, default the arm): train -> evaluate ->
+    record."""
     arm = params.train.algo
-    with tracker.algo_run(arm, params, tags=runner.run_tags()):
+    with tracker.algo_run(run_name or arm, params, tags=runner.run_tags() | (tags or {})):
         record_dataset(tracker, params, dataset["hash"])
         training = train_arm(params, tracker, runner, resume=resume)
         evaluation = evaluate_arm(params, tracker, runner)

@@ -248,7 +248,7 @@ def test_deployments_enforce_the_parameter_schema_and_declare_the_gpu_pool(prefe
 
     infra = load_deployments_module()
     declared = {d.full_name: d for d in infra.declared()}
-    assert set(declared) == {"lens-train/tiny", "lens-compare/tiny", "lens-train/paper"}
+    assert set(declared) == {"lens-train/tiny", "lens-compare/tiny", "lens-study/tiny", "lens-train/paper"}
     ids = {name: infra.runner_deployment(d).apply() for name, d in declared.items() if not d.work_pool}
     assert infra.register_remote(list(declared.values())) == ["lens-train/paper"]
     with client() as c:
