@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from lens import estimators
-from lens.loop import Runner
+from lens.loop import Runner, fails_again_on_retry
 from lens.params import Params, load_params, profile_names
 
 ROUND_RETRIES = 2
@@ -71,6 +71,15 @@ def heartbeat(logger, label: str, every_s: float = HEARTBEAT_S):
         thread.join()
 
 
+def _worth_retrying(task, task_run, state) -> bool:
+    """Prefect's retry condition: not for a stop that would happen again (lens.loop.fails_again_on_retry)."""
+    try:
+        state.result()
+    except Exception as exc:
+        return not fails_again_on_retry(exc)
+    return True
+
+
 def _key(name: str) -> str:
     """Artifact keys: lowercase letters, digits and dashes."""
     return "".join(c if c.isalnum() else "-" for c in name.lower())
@@ -98,7 +107,8 @@ class PrefectRunner(Runner):
 
     def round(self, fn, *, arm, index, total):
         return task(_call, name="train_round", task_run_name=f"train_round-{arm}-{index}", cache_policy=NO_CACHE,
-                    retries=ROUND_RETRIES, retry_delay_seconds=ROUND_RETRY_DELAY_S)(fn)
+                    retries=ROUND_RETRIES, retry_delay_seconds=ROUND_RETRY_DELAY_S,
+                    retry_condition_fn=_worth_retrying)(fn)
 
     def logger(self):
         return get_run_logger()

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> object:
         from lens.study import run_study
 
         result = run_study(params, runner)
-        print(Path(result["files"]["md"]).read_text())
+        print(Path(result["files"]["markdown"]).read_text())
         return result
     raise AssertionError(cmd)
 
@@ -189,11 +189,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     """Failures with a message meant for the user: printed without a traceback, exit code 1."""
     from lens.checkpoint import CheckpointError
     from lens.records import RunInUseError
+    from lens.reward_health import RewardHealthError
     from lens.tracking import TrackingError
     from lens.train import NonFiniteLossError
     from lens.verify import VerifierError
 
-    return FileNotFoundError, TrackingError, NonFiniteLossError, VerifierError, CheckpointError, RunInUseError
+    return (FileNotFoundError, TrackingError, NonFiniteLossError, VerifierError, CheckpointError, RunInUseError,
+            RewardHealthError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,7 @@ stages:
       - model.source    # data.max_prompt_tokens measures prompts as the model renders them
       - model.prompt
       - eval.extra_sets
+      - verify.timeout_s    # bounds each gold answer's parse check (a gold that times out is dropped)
     outs:
       - {root}/data
 

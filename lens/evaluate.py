@@ -300,7 +300,8 @@ def evaluate_engine(params, engine, tokenizer, problems) -> dict[str, Any]:
     prompts = [render_prompt(p, tokenizer, params.model.prompt) for p in problems]
     golds = [p.answer for p in problems]
     t0 = time.perf_counter()
-    with Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers) as verifier:
+    with Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers,
+                  max_completion_chars=params.verify.max_completion_chars) as verifier:
         n = ev.samples_per_problem
         sampling = SamplingConfig(temperature=ev.temperature, top_p=ev.top_p,
                                   max_new_tokens=ev.max_new_tokens, seed=params.run.seed)

@@ -66,6 +66,17 @@ class Runner:
         or "comparison" ({"comparison", "markdown", "table"}); flows publish them as artifacts."""
 
 
+def fails_again_on_retry(exc: BaseException) -> bool:
+    """A failure a retried round would meet again: the data or the configuration, not a passing fault."""
+    from lens.checkpoint import CheckpointError
+    from lens.params import ParamsError
+    from lens.records import RunInUseError
+    from lens.reward_health import RewardHealthError
+    from lens.train import NonFiniteLossError
+
+    return isinstance(exc, (RewardHealthError, NonFiniteLossError, ParamsError, CheckpointError, RunInUseError))
+
+
 def round_ends(steps: int, steps_per_round: int) -> list[int]:
     """Last step of each round: [10, 20, 30, 40] for 40 steps in rounds of 10 (the last may be short)."""
     return [min(end, steps) for end in range(steps_per_round, steps + steps_per_round, steps_per_round)] if steps else []

@@ -24,8 +24,10 @@ def extra_eval_file(params: Params, name: str) -> Path:
 
 def prepare(params: Params) -> dict:
     """Load, normalise and write the train/eval problems of the profile, and each of eval.extra_sets as
-    data/eval_<name>.jsonl (a split of its own in report.json); report what was dropped."""
+    data/eval_<name>.jsonl (a split of its own in report.json); report what was dropped. Problems whose gold
+    answer the verifier cannot parse are dropped (lens.data.gold_check) and listed in report.json."""
     from lens.data import load_problems_for, write_problems
+    from lens.data.gold_check import GoldCheck
 
     out = params.data_dir
     summary: dict = {"profile": params.profile, "splits": {}}
@@ -33,19 +35,22 @@ def prepare(params: Params) -> dict:
     outputs = [(split, split, None, out / f"{split}.jsonl", f"data.{split}_source") for split in ("train", "eval")]
     outputs += [(f"eval_{name}", "eval", name, extra_eval_file(params, name), "eval.extra_sets")
                 for name in params.eval.extra_sets]
-    for split, loader_split, source, path, key in outputs:
-        problems, reports = load_problems_for(params, loader_split, source)
-        if not problems:
-            raise ValueError(f"{key}: no {split} problems left after loading and filtering "
-                             f"({'; '.join(r.summary() for r in reports)})")
-        write_problems(path, problems)
-        levels: dict[str, int] = {}
-        for p in problems:
-            levels[str(p.level)] = levels.get(str(p.level), 0) + 1
-        summary["splits"][split] = {"problems": len(problems), "levels": levels,
-                                    "sources": [r.as_dict() for r in reports]}
-        for r in reports:
-            log.info("%s: %s", split, r.summary())
+    with GoldCheck(params.verify.timeout_s, params.verify.workers) as golds:
+        for split, loader_split, source, path, key in outputs:
+            already_dropped = len(golds.dropped)
+            problems, reports = load_problems_for(params, loader_split, source, golds)
+            if not problems:
+                raise ValueError(f"{key}: no {split} problems left after loading and filtering "
+                                 f"({'; '.join(r.summary() for r in reports)})")
+            write_problems(path, problems)
+            levels: dict[str, int] = {}
+            for p in problems:
+                levels[str(p.level)] = levels.get(str(p.level), 0) + 1
+            summary["splits"][split] = {"problems": len(problems), "levels": levels,
+                                        "sources": [r.as_dict() for r in reports],
+                                        "unparseable_golds": golds.dropped[already_dropped:]}
+            for r in reports:
+                log.info("%s: %s", split, r.summary())
     atomic_write_json(out / "report.json", summary, sort_keys=True)
     return summary
 

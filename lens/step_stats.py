@@ -51,6 +51,9 @@ class RolloutCounts:
     verify_timeouts: int = 0
     verify_errors: int = 0
     verify_parse_failures: int = 0
+    verify_rejected: int = 0               # scored 0 unverified: too long or nested too deep (lens.reward_health)
+    verify_sanitized: int = 0              # NUL bytes / invalid UTF-8 removed before scoring
+    verify_gold_errors: int = 0            # gold answers that did not parse (scored 0, never 1)
     # engine vs trainer log-probs of the same tokens (when pi_old is recomputed): sums over tokens
     logprob_abs_diff: float = 0.0
     logprob_k3: float = 0.0                # k3 estimate of KL(engine || trainer), >= 0 per token
@@ -77,7 +80,9 @@ class RolloutCounts:
             completion_tokens=sum(len(r.completion_ids) for r in rollouts),
             truncated=sum(r.truncated for r in rollouts), negative_adv_abs=adv[all_wrong].abs().sum().item(),
             negative_samples=int(all_wrong.sum()) * adv.shape[1], verify_timeouts=vs.get("timeouts", 0),
-            verify_errors=vs.get("errors", 0), verify_parse_failures=vs.get("parse_failures", 0))
+            verify_errors=vs.get("errors", 0), verify_parse_failures=vs.get("parse_failures", 0),
+            verify_rejected=vs.get("rejected", 0), verify_sanitized=vs.get("sanitized", 0),
+            verify_gold_errors=vs.get("gold_errors", 0))
 
     def metrics(self, rollout_s: float, verify_s: float) -> dict[str, float]:
         return {
@@ -92,7 +97,9 @@ class RolloutCounts:
                                                   if self.negative_samples else 0.0),
             "perf/rollout_tok_s": self.completion_tokens / max(rollout_s, 1e-9),
             "verify/timeouts": self.verify_timeouts, "verify/errors": self.verify_errors,
-            "verify/parse_failures": self.verify_parse_failures,
+            "verify/parse_failures": self.verify_parse_failures, "verify/rejected": self.verify_rejected,
+            "verify/sanitized": self.verify_sanitized, "verify/gold_errors": self.verify_gold_errors,
+            "train/samples": self.samples, "train/completion_tokens": self.completion_tokens,
             "perf/rollout_s": rollout_s, "perf/verify_s": verify_s,
         } | ({"train/rollout_logprob_abs_diff": self.logprob_abs_diff / self.logprob_tokens,
               "train/rollout_trainer_kl": self.logprob_k3 / self.logprob_tokens} if self.logprob_tokens else {})

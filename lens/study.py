@@ -10,6 +10,7 @@ Running a study again skips every run whose evaluation is written and resumes an
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -37,9 +38,17 @@ class StudyRun:
         return RunFiles(self.params.algo_dir())
 
     @property
+    def trained(self) -> bool:
+        """Trained to train.steps (its final policy saved)."""
+        try:
+            return json.loads(self.files.train_summary.read_text()).get("done", False)
+        except (OSError, ValueError):
+            return False
+
+    @property
     def finished(self) -> bool:
-        """Trained to train.steps and evaluated: a re-run skips it."""
-        return self.files.eval.exists() and not self.files.interrupted() and self.files.train_summary.exists()
+        """Trained and evaluated: a re-run skips it."""
+        return self.trained and self.files.eval.exists()
 
 
 def study_dir(params: Params) -> Path:
@@ -63,7 +72,7 @@ def plan(base: Params) -> list[StudyRun]:
     return runs
 
 
-def _link_inputs(base: Params, run: StudyRun) -> None:
+def link_inputs(base: Params, run: StudyRun) -> None:
     """The run's data/ and warm_start/ are the base run's: one prepared dataset, one starting policy."""
     for name in ("data", "warm_start"):
         link, target = run.params.root / name, base.root / name
@@ -84,8 +93,12 @@ def train_and_evaluate(run: StudyRun, dataset: dict, parent_run_id: str | None =
     if tracker is None:
         with Tracker(run.params, parent_run_id=parent_run_id) as own:
             return train_and_evaluate(run, dataset, runner=runner, tracker=own)
-    result = pipeline.run_arm(run.params, tracker, runner, dataset, resume="auto", run_name=run.label,
-                              tags={"lens.seed": run.seed, "lens.study": run.params.study.name})
+    tags = {"lens.seed": run.seed, "lens.study": run.params.study.name}
+    if run.trained:  # stopped between training and evaluation: evaluate only
+        with tracker.algo_run(run.label, run.params, tags=runner.run_tags() | tags):
+            result = {"evaluation": pipeline.evaluate_arm(run.params, tracker, runner)}
+    else:
+        result = pipeline.run_arm(run.params, tracker, runner, dataset, resume="auto", run_name=run.label, tags=tags)
     return {"arm": run.arm, "seed": run.seed, "dir": str(run.files.dir),
             "acc": result["evaluation"]["overall"]["acc"]}
 
@@ -117,13 +130,13 @@ def run_study(base: Params, runner: Runner | None = None) -> dict:
                     len(runs), ", ".join(base.study.arms), base.study.seeds, len(runs) - len(todo), len(todo),
                     base.study.jobs)
         for run in runs:
-            _link_inputs(base, run)
+            link_inputs(base, run)
         if base.study.jobs == 1:
             for run in todo:
                 train_and_evaluate(run, dataset, runner=runner, tracker=tracker)
         else:
             _run_in_processes(todo, dataset, base.study.jobs, tracker.run_id, runner)
-        from lens.study_report import StudyUnit, build_study_report, study_markdown, write_study_report
+        from lens.study_report import StudyUnit, build_study_report, study_markdown, study_table, write_study_report
 
         units = [StudyUnit(r.arm, r.seed, r.files.dir) for r in runs]
         report = runner.phase("study_report", lambda: build_study_report(
@@ -134,7 +147,7 @@ def run_study(base: Params, runner: Runner | None = None) -> dict:
             tracker.log_artifact(path, "study", run_id=tracker.run_id)
         markdown = study_markdown(report)
         tracker.set_description(markdown, run_id=tracker.run_id)
-        runner.published("study", base, {"study": report, "markdown": markdown})
+        runner.published("study", base, {"study": report, "markdown": markdown, "table": study_table(report)})
     return {"study": base.study.name, "dir": str(study_dir(base)), "runs": len(runs), "trained": len(todo),
             "files": files, "dataset_hash": dataset["hash"], "mlflow_run_id": tracker.run_id}
 

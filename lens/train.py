@@ -34,6 +34,7 @@ from lens.models import load_policy
 from lens.preflight import check_fsdp_support, check_master_weights
 from lens.records import (ROLLOUT_COLUMNS, RunFiles, RunLock, append_metrics, rollout_columns, truncate_metrics,
                           write_rollouts)
+from lens.reward_health import RewardHealth
 from lens.rollout import Rollout, SamplingConfig, make_engine
 from lens.step_stats import RolloutCounts, UpdateStats, reduce_over_processes
 from lens.verify import Verifier
@@ -135,7 +136,9 @@ class Trainer:
             # Under FSDP every forward pass all-gathers layers (a collective), so all ranks must run the same
             # number of decode steps: `synced_gpus` keeps a finished rank stepping until every rank is done.
             self.engine = make_engine(params, self.unwrapped_model, self.tokenizer, synced_gpus=self.fsdp)
-            self.verifier = Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers)
+            self.verifier = Verifier(timeout_s=params.verify.timeout_s, workers=params.verify.workers,
+                                     max_completion_chars=params.verify.max_completion_chars)
+            self.reward_health = RewardHealth.from_params(params.verify)
             self.state = TrainState()
             self.checkpoints = Checkpointer(self.files.checkpoints, self.accelerator, self.model, self.optimizer,
                                             self.scheduler, self.tokenizer, keep=tp.keep_checkpoints,
@@ -212,6 +215,8 @@ class Trainer:
         t0 = time.perf_counter()
         rewards = self.verifier.score_batch([r.text for r in batch.rollouts], golds)
         seconds = time.perf_counter() - t0
+        # Whole-step counts (a collective), so that every rank stops or trains on alike.
+        self.reward_health.check(reduce_over_processes(self.verifier.last_batch_stats, self.accelerator), batch.step)
         correct = torch.tensor(rewards, dtype=torch.float32).view(-1, G)
         old = self.recompute_old_logprobs(batch.rollouts) if self.params.train.recompute_old_logprobs else None
         per_rollout = [o.double().mean().item() if o.numel() else 0.0 for o in old] if old is not None else \

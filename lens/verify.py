@@ -15,12 +15,16 @@ Answer extraction (:func:`_score_one`, what a worker runs for one item)
       (``parse(completion)``, default configs: LaTeX environments, "answer is ...", plain numbers);
     * the gold (a bare answer such as ``\\frac{1}{2}``, ``42``, ``(3, \\frac{\\pi}{2})``) is parsed the
       same way as a boxed answer (a gold that itself contains ``\\boxed`` is unwrapped first);
-    * fast path: boxed answer == gold after whitespace normalisation -> 1.0 without math-verify.
+    * fast path: boxed answer == gold after whitespace normalisation -> 1.0 without comparing (the gold
+      must still parse: a gold without a mathematical value, e.g. ``@#!``, never scores 1).
     A completion with no extractable answer gives 0.0 and counts as a ``parse_failure``. An exception
-    inside math-verify (or an unparseable gold) or a dead worker gives 0.0, counts as an ``error`` and
-    is logged with the inputs truncated; ``score_batch(strict=True)`` raises :class:`VerifierError`.
+    inside math-verify, a gold without a mathematical value (:class:`GoldParseError`, also counted as a
+    ``gold_error``) or a dead worker gives 0.0, counts as an ``error`` and is logged with the inputs
+    truncated; ``score_batch(strict=True)`` raises :class:`VerifierError`.
     Identical (completion, gold) pairs within a batch are scored once, and each worker caches parsed
-    answers / golds and (boxed answer, gold) results (LRU) across batches.
+    answers / golds and (boxed answer, gold) results (LRU) across batches. Pathological completions are
+    screened in the calling process first (:func:`lens.reward_health.screen`): cleaned and scored
+    (``sanitized``), or given 0.0 without reaching math-verify (``rejected``).
 
 Every worker runs a self-check (a boxed LaTeX fraction must verify against ``0.5``; this also warms
 up the LaTeX parser) before it takes work, whatever the ``scorer``, so a broken install (e.g. an
@@ -46,26 +50,36 @@ from typing import Any
 
 from lens.data import last_boxed as extract_boxed  # one answer extractor for data, reward and warm start
 from lens.deadline_pool import DIED, ERROR, TIMEOUT, VALUE, DeadlinePool, DeadlinePoolError, Outcome, run_inline
+from lens.reward_health import MAX_COMPLETION_CHARS, clean_text, screen
 
 log = logging.getLogger(__name__)
 
-__all__ = ["score", "Verifier", "VerifyStats", "VerifierError", "extract_boxed", "shutdown_shared"]
+__all__ = ["MAX_TIMEOUT_S", "GoldParseError", "Verifier", "VerifierError", "VerifyStats", "check_gold",
+           "extract_boxed", "score", "shutdown_shared"]
 
 Scorer = Callable[[str, str], "float | bool | None"]
 
 _TRUNC = 200  # characters of an input shown in log messages
 _MAX_LOGGED_PER_BATCH = 5  # individual error warnings per batch (then one summary line)
+# signal.setitimer overflows above ~1e9 s (and at inf), which made every item an error, every reward 0.
+MAX_TIMEOUT_S = 3600.0
 
 
 class VerifierError(RuntimeError):
     """The verifier failed internally (strict mode), or its worker processes cannot start."""
 
 
+class GoldParseError(VerifierError):
+    """A gold answer has no mathematical value math-verify can parse: no completion can match it."""
+
+
 @dataclass
 class VerifyStats:
     """Counters. ``calls`` counts items; every item is exactly one of correct / wrong /
-    ``parse_failures`` / ``timeouts`` / ``errors`` (wrong = the rest). ``worker_restarts`` counts
-    worker processes replaced after a hard timeout or a crash."""
+    ``parse_failures`` / ``timeouts`` / ``errors`` / ``rejected`` (wrong = the rest). ``gold_errors``
+    counts the errors whose gold answer did not parse; ``sanitized`` the items whose completion had NUL
+    bytes or invalid UTF-8 removed before scoring; ``worker_restarts`` the worker processes replaced
+    after a hard timeout or a crash."""
 
     calls: int = 0
     correct: int = 0
@@ -73,6 +87,9 @@ class VerifyStats:
     parse_failures: int = 0
     errors: int = 0
     worker_restarts: int = 0
+    rejected: int = 0
+    gold_errors: int = 0
+    sanitized: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -130,6 +147,23 @@ def _parse_gold(gold: str) -> tuple:
     return _parse_answer(inner if inner is not None else gold)
 
 
+def _gold_or_raise(gold: str) -> tuple:
+    """The parsed gold, or GoldParseError. math-verify falls back to the raw string when LaTeX parsing
+    fails (`@#!`, `\\frac{1}{`), and a string gold would only match by string equality: not a value."""
+    try:
+        gold_parsed = _parse_gold(gold)
+    except Exception as exc:  # an unparseable gold, whatever math-verify raised
+        raise GoldParseError(f"gold answer cannot be parsed ({type(exc).__name__}: {exc}): {_trunc(gold)!r}") from exc
+    if all(isinstance(value, str) for value in gold_parsed):
+        raise GoldParseError(f"gold answer has no extractable value: {_trunc(gold)!r}")
+    return gold_parsed
+
+
+def check_gold(gold: str) -> None:
+    """GoldParseError unless ``gold`` parses (no time limit: run it in a DeadlinePool, as lens.data.gold_check)."""
+    _gold_or_raise(clean_text(gold)[0])
+
+
 def _verify_any(gold: Sequence, pred: Sequence) -> bool:
     """math-verify's ``verify(gold_list, pred_list)`` (any pair equal), but with exceptions raised:
     a pair that raises does not hide a later pair that matches; if nothing matches, the first
@@ -154,16 +188,10 @@ def _score_one(completion: str, gold: str) -> float | None:
     answer = extract_boxed(completion)
     if answer is None:
         return _score_unboxed(completion, gold)
+    _gold_or_raise(gold)  # cached; an unparseable gold never scores, not even by the fast path
     if _norm_ws(answer) and _norm_ws(answer) == _norm_ws(gold):
         return 1.0
     return _score_answer(answer, gold)
-
-
-def _gold_or_raise(gold: str) -> tuple:
-    gold_parsed = _parse_gold(gold)
-    if not gold_parsed:
-        raise VerifierError(f"gold answer has no extractable value: {gold[:_TRUNC]!r}")
-    return gold_parsed
 
 
 @functools.lru_cache(maxsize=8192)
@@ -207,6 +235,14 @@ def _as_reward(scorer: Scorer, completion: str, gold: str) -> float | None:
     return None if value is None else float(value)
 
 
+_REJECTED = "rejected"  # an Outcome kind of our own: the item never reached a worker
+
+
+def _check_timeout(timeout_s: float | None) -> None:
+    if timeout_s is not None and not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"verifier timeout_s must be in (0, {MAX_TIMEOUT_S:g}] seconds or None, got {timeout_s}")
+
+
 def _reward(outcome: Outcome) -> float:
     return float(outcome.value) if outcome.kind == VALUE and outcome.value is not None else 0.0
 
@@ -224,8 +260,11 @@ def _count(outcomes: Sequence[Outcome], into: VerifyStats) -> tuple[list[int], l
         if outcome.kind == TIMEOUT:
             into.timeouts += 1
             timeouts.append(i)
+        elif outcome.kind == _REJECTED:
+            into.rejected += 1
         elif outcome.kind in (ERROR, DIED):
             into.errors += 1
+            into.gold_errors += (outcome.error or "").startswith(f"{GoldParseError.__name__}:")
             errors.append((i, outcome.error))
         elif outcome.value is None:
             into.parse_failures += 1
@@ -241,15 +280,19 @@ class Verifier:
     kept alive until :meth:`close` (or the end of a ``with`` block, or interpreter exit).
     ``workers=0``: score in the calling thread, no time limit (debugging only).
 
-    Keyword-only options: ``scorer`` (test hook, see the module doc); ``chunk_size`` and
-    ``kill_grace_s`` as in :class:`~lens.deadline_pool.DeadlinePool`.
+    Keyword-only options: ``max_completion_chars`` (longer completions are rejected unverified),
+    ``scorer`` (test hook, see the module doc); ``chunk_size`` and ``kill_grace_s`` as in
+    :class:`~lens.deadline_pool.DeadlinePool`. ``timeout_s`` is at most :data:`MAX_TIMEOUT_S`.
     ``stats`` accumulates over all calls; ``last_batch_stats`` holds the counts of the latest
     ``score_batch`` call only (per-step metrics). Concurrent ``score_batch`` calls are serialised.
     """
 
-    def __init__(self, timeout_s: float | None = 5.0, workers: int = 2, *, scorer: Scorer | None = None,
+    def __init__(self, timeout_s: float | None = 5.0, workers: int = 2, *,
+                 max_completion_chars: int = MAX_COMPLETION_CHARS, scorer: Scorer | None = None,
                  chunk_size: int | None = None, kill_grace_s: float | None = None):
+        _check_timeout(timeout_s)
         self.timeout_s = timeout_s
+        self.max_completion_chars = max_completion_chars
         self.workers = workers
         self.chunk_size = chunk_size
         self.kill_grace_s = kill_grace_s
@@ -286,15 +329,18 @@ class Verifier:
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
         t = self.timeout_s if timeout_s is ... else timeout_s
-        pairs = [("" if c is None else str(c), "" if g is None else str(g)) for c, g in zip(completions, golds)]
+        _check_timeout(t)
+        screened = [screen(c, g, self.max_completion_chars) for c, g in zip(completions, golds)]
+        pairs = [(c, g) for c, g, _, _ in screened]
+        rejected = [(i, why) for i, (_, _, why, _) in enumerate(screened) if why is not None]
         index: dict[tuple[str, str], int] = {}  # identical pairs are scored once
-        where = [index.setdefault(p, len(index)) for p in pairs]
+        where = [None if why is not None else index.setdefault((c, g), len(index)) for c, g, why, _ in screened]
         with self._lock:
-            batch = VerifyStats()
+            batch = VerifyStats(sanitized=sum(s for _, _, _, s in screened))
             restarts_before = self._pool.restarts
             try:
                 unique_outcomes = self._pool.run(list(index), timeout_s=t)
-                outcomes = [unique_outcomes[j] for j in where]
+                outcomes = [Outcome(_REJECTED) if j is None else unique_outcomes[j] for j in where]
                 timeouts, errors = _count(outcomes, batch)
             except DeadlinePoolError as exc:
                 raise VerifierError(str(exc)) from exc
@@ -302,7 +348,7 @@ class Verifier:
                 batch.worker_restarts = self._pool.restarts - restarts_before
                 self.stats.add(batch)
                 self.last_batch_stats = batch
-        _log_problems(pairs, timeouts, errors, t)
+        _log_problems(pairs, timeouts, errors, rejected, t)
         if strict and errors:
             i, err = errors[0]
             c, g = pairs[i]
@@ -312,7 +358,11 @@ class Verifier:
 
 
 def _log_problems(pairs: list[tuple[str, str]], timeouts: list[int], errors: list[tuple[int, str]],
-                  t: float | None) -> None:
+                  rejected: list[tuple[int, str]], t: float | None) -> None:
+    if rejected:
+        i, why = rejected[0]
+        log.warning("verifier: %d of %d completion(s) rejected unverified, reward 0.0; first: %s; completion=%r",
+                    len(rejected), len(pairs), why, _trunc(pairs[i][0]))
     if timeouts:
         c, g = pairs[timeouts[0]]
         log.warning("verifier: %d of %d item(s) timed out (limit %ss); first: completion=%r gold=%r",
@@ -354,8 +404,10 @@ def score(completion: str, gold: str, timeout_s: float | None = 5.0) -> float:
     process (thread-safe; calls are serialised); ``timeout_s=None`` scores in the calling thread
     with no limit. Timeouts and internal errors give 0.0 (errors are logged)."""
     if timeout_s is None:
-        c = "" if completion is None else str(completion)
-        g = "" if gold is None else str(gold)
+        c, g, why, _ = screen(completion, gold, MAX_COMPLETION_CHARS)
+        if why is not None:
+            log.warning("verifier: completion rejected unverified, reward 0.0: %s", why)
+            return 0.0
         outcome = run_inline(_as_reward, _score_one, c, g)
         if outcome.kind == ERROR:
             log.warning("verifier: internal error, reward 0.0: %s; completion=%r gold=%r",

@@ -73,9 +73,11 @@ def test_train_stage_depends_on_every_train_key_in_params_yaml_except_orchestrat
     train_keys = {f"train.{k}" for k in _leaf_keys(base["train"])}
     orchestration = {k for k in train_keys if _covered(k, set(ORCHESTRATION_ONLY_PARAMS))}
     declared = _declared_train_params(algo)
-    # Keys only the other algorithm reads: LENS's switches (train.lens.*) and GRPO's std scaling.
-    other_algo_only = {"grpo": {k for k in train_keys if k.startswith("train.lens.")},
-                       "lens": {k for k in train_keys if k.startswith("train.grpo.")}}[algo]
+    # Keys only other estimators read: their params sections (train.lens.*, train.ngrpo.*, ...).
+    from lens import estimators
+
+    others = {estimators.get(n).section for n in estimators.names()} - {estimators.get(algo).section, None}
+    other_algo_only = {k for k in train_keys if any(k.startswith(f"train.{sec}.") for sec in others)}
     wanted = train_keys - orchestration - other_algo_only
     missing = sorted(k for k in wanted if not _covered(k, declared))
     assert not missing, f"dvc.yaml train@{algo} must declare {missing} under params"

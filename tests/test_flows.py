@@ -228,6 +228,29 @@ def test_train_flow_trains_one_algorithm_in_rounds(prefect_api, tmp_path):
     assert json.loads((tmp_path / "tiny" / "grpo" / "eval.json").read_text())["algo"] == "grpo"
 
 
+def test_study_flow_runs_arms_by_seeds_and_publishes_the_report(prefect_api, tmp_path):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.lens_study import lens_study
+
+    overrides = [f"run.output_root={tmp_path}", *SMALL, "train.steps=1", "data.synthetic.eval_per_level=2",
+                 "warm_start.enabled=false", "tracking.enabled=false", "study.seeds=[0,1]"]
+    random_policy(small_params(tmp_path, *overrides[1:]))
+    state = lens_study(profile="tiny", overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["runs"] == 4 and result["trained"] == 4
+    flow_run_id = state.state_details.flow_run_id
+    names = {r.name for r in task_runs_of(flow_run_id, expected=30)}
+    assert {"evaluate-grpo", "evaluate-lens", "update_policy-lens-step-1"} <= names
+    assert {"evaluate_start", "study_report"} <= {n.rsplit("-", 2)[0] for n in names}  # "<task>-<random words>"
+    with client() as c:
+        artifacts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key = {a.key: a for a in artifacts if a.key}
+    assert by_key["tiny-study"].data == Path(result["files"]["markdown"]).read_text()
+    assert by_key["tiny-study-table"].type == "table"
+
+
 # ---- parameters fail before anything runs ---------------------------------------------------------
 
 

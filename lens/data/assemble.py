@@ -11,6 +11,7 @@ from lens.data.prompt_budget import drop_long_prompts
 from lens.data.registry import SourcePart, get_source
 
 if TYPE_CHECKING:
+    from lens.data.gold_check import GoldCheck
     from lens.params import Params
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,15 @@ def _cap_per_level(problems: list[Problem], report: LoadReport, n: int, seed: st
 
 
 def load_problems_for(
-    params: Params, split: str, source: str | None = None,
+    params: Params, split: str, source: str | None = None, gold_check: GoldCheck | None = None,
 ) -> tuple[list[Problem], list[LoadReport]]:
     """The train or eval problems that `params` selects, with one report per dataset read.
 
     data.train_source / data.eval_source name a registered source (lens.data.registry); `source` names
     another (an eval.extra_sets entry), selected by the same rules. Problems whose
-    prompt exceeds data.max_prompt_tokens go first (lens.data.prompt_budget). Eval then keeps at most
-    max_eval_problems_per_level per dataset and level, train at most max_train_problems over all
+    prompt exceeds data.max_prompt_tokens go first (lens.data.prompt_budget), then, given a `gold_check`
+    (prepare's, lens.data.gold_check), those whose gold answer the verifier cannot parse. Eval then keeps
+    at most max_eval_problems_per_level per dataset and level, train at most max_train_problems over all
     datasets; both choose by a shuffle seeded with run.seed and keep the original order.
     """
     if split not in SPLITS:
@@ -62,6 +64,8 @@ def load_problems_for(
     source = source or (data.train_source if split == "train" else data.eval_source)
     parts = get_source(source)(params, split)
     parts = drop_long_prompts(parts, params)
+    if gold_check is not None:
+        parts = gold_check.drop_unparseable(parts)
 
     seed = f"{params.run.seed}|{split}"
     if split == "eval" and data.max_eval_problems_per_level is not None:

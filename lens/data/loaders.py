@@ -97,9 +97,16 @@ def _parse_json_line(raw: bytes, number: int) -> dict[str, Any] | _BadLine:
         return _BadLine("not_utf8", number)
     try:
         row = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the interpreter's stack
         return _BadLine("bad_json", number)
-    return row if isinstance(row, dict) else _BadLine("bad_json", number)
+    if not isinstance(row, dict):
+        return _BadLine("bad_json", number)
+    if "\\ud" in line.lower():  # JSON can escape a lone surrogate: not text, and not writable as UTF-8
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return _BadLine("not_utf8", number)
+    return row
 
 
 def _read_hub(source: str, split: str, configs: Sequence[str | None]) -> list[dict[str, Any] | None]:

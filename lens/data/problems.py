@@ -65,8 +65,27 @@ def write_problems(path: str | os.PathLike[str], problems: Iterable[Problem]) ->
 
 
 def read_problems(path: str | os.PathLike[str]) -> list[Problem]:
-    with open(path, encoding="utf-8") as f:
-        return [Problem(**json.loads(line)) for line in f if line.strip()]
+    """The problems of a file write_problems wrote; a line that is not one raises ValueError naming it."""
+    problems = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.strip():
+                try:
+                    problems.append(_problem(json.loads(raw.decode("utf-8"))))
+                except (ValueError, TypeError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                    raise ValueError(f"{path} line {number}: not a problem record ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]})") from None
+    return problems
+
+
+def _problem(row: Any) -> Problem:
+    types = {"id": str, "problem": str, "answer": str, "level": int, "subject": str}
+    if not isinstance(row, dict) or set(row) != set(types):
+        raise ValueError(f"expected an object with exactly the keys {sorted(types)}")
+    wrong = [k for k, t in types.items() if type(row[k]) is not t]
+    if wrong:
+        raise TypeError(f"wrong type for {', '.join(wrong)}")
+    return Problem(**row)
 
 
 def user_message(problem: Problem, instruction: str = "") -> str:
