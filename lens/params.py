@@ -185,7 +185,7 @@ class LensParams(Section):
     penalty: Literal["sequence", "token"] = Field(
         "sequence", description="sequence (the paper): a wrong answer's penalty uses its length-normalised "
                                 "confidence pbar, the same on every token; token: each token's own pi_old "
-                                "probability (needs the trainer's per-token path, docs/ALGORITHMS.md).")
+                                "probability (docs/ALGORITHMS.md).")
 
     @model_validator(mode="after")
     def _multiple_only_with_its_rule(self) -> LensParams:
@@ -241,6 +241,13 @@ class TrainParams(Section):
     dual_clip_c: float | None = Field(
         None, gt=1, description="Dual clip (verl's clip_ratio_c, e.g. 3.0): for negative advantages the token "
                                 "loss is at most c * |A| (None: off, the paper's setting).")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: drop groups whose rewards are all equal (all correct or all "
+                           "wrong) and draw more prompts until prompts_per_step groups are kept (any estimator; "
+                           "LENS's negative groups are dropped too).")
+    dynamic_sampling_max_rounds: int = Field(
+        3, ge=1, description="Generation rounds per step at most, the first included, when dynamic_sampling; "
+                             "then the step trains on what was kept (a warning; nothing kept: no update).")
     checkpoint_every: int = Field(20, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     max_consecutive_nonfinite: int = Field(3, ge=1, description="Stop after this many non-finite losses in a row.")

@@ -58,12 +58,19 @@ class RolloutCounts:
     logprob_abs_diff: float = 0.0
     logprob_k3: float = 0.0                # k3 estimate of KL(engine || trainer), >= 0 per token
     logprob_tokens: int = 0
+    groups_trained: int = 0                # groups the update used (all of them unless dynamic sampling)
+    groups_dropped_zero_variance: int = 0  # all-correct / all-wrong groups dynamic sampling left out
+    sampling_rounds: int = field(default=1, metadata=LOCAL)  # generation rounds of the step (the same on every rank)
 
     @classmethod
     def of(cls, scored) -> RolloutCounts:
         """Counts of a `lens.train.ScoredBatch`."""
         all_correct, all_wrong, mixed = group_masks(scored.correct)
         adv, rollouts, vs = scored.advantages, scored.batch.rollouts, scored.verify_stats
+        # |advantage| per sample: per-token advantages by their token mean of |A| (their own mean can cancel)
+        adv_abs = adv.abs() if scored.token_advantages is None else torch.tensor(
+            [a.abs().mean().item() if a.numel() else 0.0 for a in scored.token_advantages]).view_as(adv)
+        trained = torch.ones_like(mixed) if scored.trained is None else scored.trained
         diff = k3 = 0.0
         tokens = 0
         if scored.old_logprobs is not None:
@@ -76,9 +83,11 @@ class RolloutCounts:
             logprob_abs_diff=diff, logprob_k3=k3, logprob_tokens=tokens,
             correct=scored.correct.sum().item(), samples=scored.correct.numel(), groups=scored.correct.shape[0],
             groups_all_correct=int(all_correct.sum()), groups_all_wrong=int(all_wrong.sum()),
-            groups_mixed=int(mixed.sum()), samples_with_signal=int((adv != 0).sum()),
+            groups_mixed=int(mixed.sum()), samples_with_signal=int((adv_abs != 0).sum()),
             completion_tokens=sum(len(r.completion_ids) for r in rollouts),
-            truncated=sum(r.truncated for r in rollouts), negative_adv_abs=adv[all_wrong].abs().sum().item(),
+            truncated=sum(r.truncated for r in rollouts), negative_adv_abs=adv_abs[all_wrong].sum().item(),
+            groups_trained=int(trained.sum()), sampling_rounds=scored.sampling_rounds,
+            groups_dropped_zero_variance=int(((all_correct | all_wrong) & ~trained).sum()),
             negative_samples=int(all_wrong.sum()) * adv.shape[1], verify_timeouts=vs.get("timeouts", 0),
             verify_errors=vs.get("errors", 0), verify_parse_failures=vs.get("parse_failures", 0),
             verify_rejected=vs.get("rejected", 0), verify_sanitized=vs.get("sanitized", 0),
@@ -101,6 +110,10 @@ class RolloutCounts:
             "verify/sanitized": self.verify_sanitized, "verify/gold_errors": self.verify_gold_errors,
             "train/samples": self.samples, "train/completion_tokens": self.completion_tokens,
             "perf/rollout_s": rollout_s, "perf/verify_s": verify_s,
+            # dynamic sampling's cost: every rollout generated (dropped ones included) and the groups kept
+            "train/rollouts_generated": self.samples, "train/groups_trained": self.groups_trained,
+            "train/groups_dropped_zero_variance": self.groups_dropped_zero_variance,
+            "train/dynamic_sampling_rounds": self.sampling_rounds,
         } | ({"train/rollout_logprob_abs_diff": self.logprob_abs_diff / self.logprob_tokens,
               "train/rollout_trainer_kl": self.logprob_k3 / self.logprob_tokens} if self.logprob_tokens else {})
 

@@ -2,8 +2,9 @@
 
 Reads top to bottom like LENS.md: `rollout()` samples, `score()` verifies and computes the estimator's
 advantages, `update()` runs `ppo_epochs` passes of mini-batch AdamW updates on the clipped loss; the three
-pass typed records (`RolloutBatch`, `ScoredBatch`) and `train_step` runs them in order, each through the
-caller's phase runner (lens.loop sequences the steps). Every step's randomness is derived from
+pass typed records (`RolloutBatch`, `ScoredBatch`, lens.sampling) and `train_step` runs them in order, each
+through the caller's phase runner (lens.loop sequences the steps); `train.dynamic_sampling` adds a phase
+between scoring and the update (lens.sampling). Every step's randomness is derived from
 (run.seed, step, rank), so a resumed run draws the same prompts and samples as one that never stopped.
 """
 
@@ -15,7 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,7 @@ from transformers import get_scheduler
 from lens.checkpoint import Checkpointer, params_fingerprint
 from lens.collate import MicroBatch, collate
 from lens.data import Problem, read_problems, render_prompt
-from lens.estimators import compute_advantages
+from lens.estimators import compute_advantages, compute_token_advantages
 from lens.loss import policy_loss, token_logprobs_and_entropy
 from lens.models import load_policy
 from lens.preflight import check_fsdp_support, check_master_weights
@@ -36,6 +37,7 @@ from lens.records import (ROLLOUT_COLUMNS, RunFiles, RunLock, append_metrics, ro
                           write_rollouts)
 from lens.reward_health import RewardHealth
 from lens.rollout import Rollout, SamplingConfig, make_engine
+from lens.sampling import RolloutBatch, ScoredBatch, fill_batch, training_set
 from lens.step_stats import RolloutCounts, UpdateStats, reduce_over_processes
 from lens.verify import Verifier
 
@@ -44,32 +46,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive updates had a NaN/inf loss or gradient."""
-
-
-@dataclass
-class RolloutBatch:
-    step: int
-    problems: list[Problem]            # this process's questions, one per group
-    prompts: list[str]
-    rollouts: list[Rollout]            # len(problems) * G, grouped by question
-    seconds: float
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(r.completion_ids) for r in self.rollouts)
-
-
-@dataclass
-class ScoredBatch:
-    batch: RolloutBatch
-    correct: torch.Tensor              # [P, G] verifier rewards in {0, 1}
-    mean_logprob: torch.Tensor         # [P, G] mean token log-prob under pi_old (LENS's log p-bar)
-    advantages: torch.Tensor           # [P, G]
-    verify_seconds: float
-    verify_stats: dict = field(default_factory=dict)
-    # pi_old per token of each rollout when train.recompute_old_logprobs (the trainer's forward pass, once
-    # per rollout batch); None: the engine's log-probs are pi_old.
-    old_logprobs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -187,44 +163,53 @@ class Trainer:
         return tp.ppo_epochs * math.ceil(self.samples_per_step / tp.mini_batch_size)
 
     # ---- phase 1: rollouts ----------------------------------------------------------------------
-    def step_problems(self, step: int) -> list[Problem]:
-        """This process's share of the step's questions: a seeded permutation per pass over the data."""
+    def step_problems(self, step: int, all_ranks: bool = False) -> list[Problem]:
+        """This process's share of the step's questions (`all_ranks`: all): a seeded permutation per pass."""
         n, per_step = len(self.problems), self.params.train.prompts_per_step
         chosen = []
         for pos in range(step * per_step, (step + 1) * per_step):
             epoch, offset = divmod(pos, n)
             perm = np.random.default_rng([self.params.run.seed, epoch]).permutation(n)
             chosen.append(self.problems[perm[offset]])
-        return chosen[self.rank::self.world]
+        return chosen if all_ranks else chosen[self.rank::self.world]
 
     def rollout(self, step: int | None = None) -> RolloutBatch:
         step = self.state.step if step is None else step
-        problems = self.step_problems(step)
+        return self.generate(step, self.step_problems(step))
+
+    def generate(self, step: int, problems: list[Problem], draw: int = 0) -> RolloutBatch:
+        """G rollouts of each question. Draw k > 0 (dynamic sampling's extra rounds) samples from seed stream
+        k + 1 of (run.seed, step, rank): stream 0 is the step's first draw, stream 1 the update's order."""
         prompts = [render_prompt(p, self.tokenizer, self.params.model.prompt) for p in problems]
         rp = self.params.rollout
         sampling = SamplingConfig(temperature=rp.temperature, top_p=rp.top_p, max_new_tokens=rp.max_new_tokens,
-                                  seed=_step_seed(self.params.run.seed, step, self.rank))
+                                  seed=_step_seed(self.params.run.seed, step, self.rank, draw + 1 if draw else 0))
         t0 = time.perf_counter()
         rollouts = self.engine.generate(prompts, rp.group_size, sampling)
         return RolloutBatch(step, problems, prompts, rollouts, time.perf_counter() - t0)
 
     # ---- phase 2: verification and advantages ---------------------------------------------------
-    def score(self, batch: RolloutBatch) -> ScoredBatch:
-        G = self.params.rollout.group_size
+    def score(self, batch: RolloutBatch, check_health: bool = True) -> ScoredBatch:
+        """`check_health`: the step's first draw is the one the reward monitor sees (once per step)."""
+        G, tp = self.params.rollout.group_size, self.params.train
         golds = [batch.problems[r.prompt_index].answer for r in batch.rollouts]
         t0 = time.perf_counter()
         rewards = self.verifier.score_batch([r.text for r in batch.rollouts], golds)
         seconds = time.perf_counter() - t0
-        # Whole-step counts (a collective), so that every rank stops or trains on alike.
-        self.reward_health.check(reduce_over_processes(self.verifier.last_batch_stats, self.accelerator), batch.step)
+        if check_health:  # whole-step counts (a collective), so that every rank stops or trains on alike
+            self.reward_health.check(reduce_over_processes(self.verifier.last_batch_stats, self.accelerator),
+                                     batch.step)
         correct = torch.tensor(rewards, dtype=torch.float32).view(-1, G)
-        old = self.recompute_old_logprobs(batch.rollouts) if self.params.train.recompute_old_logprobs else None
+        old = self.recompute_old_logprobs(batch.rollouts) if tp.recompute_old_logprobs else None
         per_rollout = [o.double().mean().item() if o.numel() else 0.0 for o in old] if old is not None else \
             [r.mean_logprob for r in batch.rollouts]
         mean_logprob = torch.tensor(per_rollout, dtype=torch.float64).view(-1, G)
-        adv = compute_advantages(self.params.train, correct, mean_logprob)
+        # The estimator's per-token hook first (pi_old per token); None: one advantage per sequence.
+        token_adv = compute_token_advantages(tp, correct, [r.logprobs for r in batch.rollouts] if old is None else old)
+        adv = compute_advantages(tp, correct, mean_logprob) if token_adv is None else torch.tensor(
+            [a.double().mean().item() if a.numel() else 0.0 for a in token_adv], dtype=torch.float32).view(-1, G)
         return ScoredBatch(batch, correct, mean_logprob, adv, seconds, self.verifier.last_batch_stats.as_dict(),
-                           old_logprobs=old)
+                           old_logprobs=old, token_advantages=token_adv)
 
     @torch.no_grad()
     def recompute_old_logprobs(self, rollouts: list[Rollout]) -> list[torch.Tensor]:
@@ -234,15 +219,14 @@ class Trainer:
         for start in range(0, len(rollouts), self.params.train.micro_batch_size):
             idx = list(range(start, min(start + self.params.train.micro_batch_size, len(rollouts))))
             batch = self._collate(rollouts, None, idx)
-            input_ids, attention = batch.input_ids, batch.attention
-            logp, _ = self._logprobs(self.model, input_ids, attention)
+            logp, _ = self._logprobs(self.model, batch.input_ids, batch.attention)
             for row, i in enumerate(idx):
                 begin = len(rollouts[i].prompt_ids) - 1
                 out.append(logp[row, begin:begin + len(rollouts[i].completion_ids)].float().cpu())
         return out
 
     # ---- phase 3: policy update -----------------------------------------------------------------
-    def _collate(self, rollouts: list[Rollout], advantages: torch.Tensor | None, idx: list[int],
+    def _collate(self, rollouts: list[Rollout], advantages: torch.Tensor | list[torch.Tensor] | None, idx: list[int],
                  old_logprobs: list[torch.Tensor] | None = None) -> MicroBatch:
         return collate(rollouts, advantages, idx, self.tokenizer.pad_token_id, self.accelerator.device, old_logprobs)
 
@@ -254,8 +238,7 @@ class Trainer:
 
     def update(self, scored: ScoredBatch) -> dict:
         tp = self.params.train
-        rollouts = scored.batch.rollouts
-        advantages = scored.advantages.flatten()
+        rollouts, advantages, old_logprobs = training_set(scored)  # [N] or per token; dynamic sampling's kept
         n_local = len(rollouts)
         mini_local = tp.mini_batch_size // self.world
         gen = torch.Generator().manual_seed(_step_seed(self.params.run.seed, scored.batch.step, self.rank, 1))
@@ -266,7 +249,7 @@ class Trainer:
             order = torch.randperm(n_local, generator=gen).tolist()
             for mb_start in range(0, n_local, mini_local):
                 mb = order[mb_start:mb_start + mini_local]
-                stats, mb_tokens = self._minibatch_update(rollouts, advantages, mb, scored.old_logprobs)
+                stats, mb_tokens = self._minibatch_update(rollouts, advantages, mb, old_logprobs)
                 tokens += mb_tokens
                 if stats is not None:
                     applied.append(stats)
@@ -358,6 +341,8 @@ class Trainer:
         started = time.perf_counter()
         batch = run_phase("generate_rollouts", self.rollout)
         scored = run_phase("verify_rollouts", lambda: self.score(batch))
+        if self.params.train.dynamic_sampling:  # drop zero-variance groups, draw more (lens.sampling)
+            scored = run_phase("dynamic_sampling", lambda: fill_batch(self, scored))
         return run_phase("update_policy", lambda: self.complete_step(scored, started))
 
     def complete_step(self, scored: ScoredBatch, started: float) -> dict:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -284,6 +285,31 @@ def test_changing_lens_alpha_reruns_only_the_lens_stages_and_exp_run_works(repo)
         repo.git("checkout", "params.yaml", "dvc.lock")
         repo.dvc_("checkout")
     assert repo.status() == {}
+
+
+@pytest.mark.slow
+def test_a_queued_experiment_grid_runs_and_dvc_exp_show_reads_it(repo):
+    """`dvc exp run --queue` over a grid of params, `dvc queue start`, `dvc exp show`: the README's study grid.
+    The queue's worker is a `dvc` process found on PATH: the project's environment activated, as README says."""
+    env = dict(repo.env, PATH=f"{repo.root / '.venv' / 'bin'}{os.pathsep}{repo.env['PATH']}")
+    run = lambda *args: subprocess.run([str(repo.dvc), *args], cwd=repo.root, env=env, capture_output=True,  # noqa: E731
+                                       text=True, timeout=600, check=True).stdout
+    queued = run("exp", "run", "--queue", "-S", "train.lens.alpha=0.1,0.5")
+    assert queued.count("Queued experiment") == 2, queued
+    run("queue", "start", "--jobs", "1")
+    deadline = time.monotonic() + 900
+    while any(state in (status := run("queue", "status")) for state in ("Queued", "Running")):
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    shown = json.loads(run("exp", "show", "--json"))
+    exps = [e for rev in shown for exp in (rev.get("experiments") or []) for e in exp.get("revs", [])]
+    alphas = {e["data"]["params"]["params.yaml"]["data"]["train"]["lens"]["alpha"]: e for e in exps}
+    assert set(alphas) == {0.1, 0.5}, shown
+    for e in alphas.values():
+        assert e["data"]["metrics"]["runs/tiny/lens/eval.json"]["data"]["overall"]["acc"] is not None
+    repo.dvc_("exp", "remove", "--all-commits", "--queue", check=False)
+    assert repo.status() == {}  # the workspace was never touched
 
 
 @pytest.mark.slow

@@ -5,19 +5,24 @@ token log-probs `mean_logprob` [num_groups, G] (plus its own typed params sectio
 and the shared `train.adv_eps`) to advantages [num_groups, G], broadcast to every token by the loss.
 Every module of this package registers its estimators on import; `names()` imports them all. To add
 one: a module here with a `@register(...)` function, its params section in lens/params.py, its tests.
+An estimator whose advantages differ per token (LENS with `train.lens.penalty=token`) also registers a
+`@register_token_advantages(name)` hook, which the trainer asks first with every token's pi_old.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, Any, float], torch.Tensor]
+# (correct [P, G], pi_old per completion token of each of the P * G rollouts, section or None, eps) ->
+# one advantage tensor per rollout (same lengths), or None: these settings want per-sequence advantages.
+TokenAdvantageFn = Callable[[torch.Tensor, Sequence[Any], Any, float], list[torch.Tensor] | None]
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class Estimator:
 
 
 _REGISTRY: dict[str, Estimator] = {}
+_TOKEN_HOOKS: dict[str, TokenAdvantageFn] = {}
 _discovered = False
 
 
@@ -42,8 +48,20 @@ def register(name: str, *, section: str | None = None, summary: str = "") -> Cal
     return add
 
 
+def register_token_advantages(name: str) -> Callable[[TokenAdvantageFn], TokenAdvantageFn]:
+    """Decorator: `fn(correct, per_rollout_logprobs, section, eps)` gives the estimator `name` per-token
+    advantages when it returns tensors (None: `compute_advantages` as usual)."""
+    def add(fn: TokenAdvantageFn) -> TokenAdvantageFn:
+        if _TOKEN_HOOKS.get(name, fn) is not fn:
+            raise ValueError(f"estimator {name!r} already has a per-token hook")
+        _TOKEN_HOOKS[name] = fn
+        return fn
+    return add
+
+
 def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
+    _TOKEN_HOOKS.pop(name, None)
 
 
 def _discover() -> None:
@@ -72,3 +90,16 @@ def compute_advantages(train_params, correct: torch.Tensor, mean_logprob: torch.
     est = get(train_params.algo)
     section = getattr(train_params, est.section) if est.section else None
     return est.advantages(correct, mean_logprob, section, train_params.adv_eps)
+
+
+def compute_token_advantages(train_params, correct: torch.Tensor,
+                             per_rollout_logprobs: Sequence[Any]) -> list[torch.Tensor] | None:
+    """Per-token advantages of `train_params.algo`, one tensor per rollout (rollouts grouped as `correct`
+    [P, G], row-major; `per_rollout_logprobs[k]`: rollout k's pi_old per completion token), or None when
+    the estimator, with these params, gives one advantage per sequence (then `compute_advantages`)."""
+    est = get(train_params.algo)
+    hook = _TOKEN_HOOKS.get(est.name)
+    if hook is None:
+        return None
+    section = getattr(train_params, est.section) if est.section else None
+    return hook(correct, per_rollout_logprobs, section, train_params.adv_eps)

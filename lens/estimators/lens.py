@@ -116,7 +116,7 @@ def section_kwargs(section) -> dict:
 def lens(correct: torch.Tensor, mean_logprob: torch.Tensor, section, eps: float) -> torch.Tensor:
     if section.penalty != "sequence":
         # One value per response is all this contract carries; the per-token penalty needs every token's
-        # pi_old, so the trainer computes it itself (lens.estimators.lens_token, docs/ALGORITHMS.md).
-        raise ValueError(f"train.lens.penalty={section.penalty!r} needs per-token log-probs, which the estimator "
-                         "contract does not carry: compute it with lens.estimators.lens_token.token_advantages")
+        # pi_old: the trainer gets it from the per-token hook (lens.estimators.lens_token) before this.
+        raise ValueError(f"train.lens.penalty={section.penalty!r} needs per-token log-probs, which "
+                         "compute_advantages does not carry: use lens.estimators.compute_token_advantages")
     return lens_advantages(correct, mean_logprob, eps=eps, **section_kwargs(section))

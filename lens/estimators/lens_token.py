@@ -1,10 +1,10 @@
 """LENS with the penalty per token (`train.lens.penalty=token`): each token of a wrong answer is penalised
 by its own old-policy probability instead of the answer's length-normalised confidence pbar.
 
-The estimator contract carries one mean log-prob per response, so this cannot be a registered estimator:
-the trainer calls `token_advantages_for_rollouts` with every token's pi_old and hands the loss [B, T]
-advantages (docs/ALGORITHMS.md, "LENS, per-token penalty"). With every token of a response at the same
-probability it is exactly the per-sequence LENS.
+The estimator contract carries one mean log-prob per response, so this is the `lens` estimator's per-token
+hook (`register_token_advantages`): the trainer asks it first with every token's pi_old and hands the loss
+[B, T] advantages (docs/ALGORITHMS.md, "Per-token advantages in the trainer"). With every token of a
+response at the same probability it is exactly the per-sequence LENS.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lens.estimators import register_token_advantages
 from lens.estimators.groups import check_correct, group_masks
 from lens.estimators.grpo import grpo_advantages
 from lens.estimators.lens import _PBAR_FLOOR, negative_difficulty_factor, section_kwargs
@@ -104,3 +105,10 @@ def token_advantages_for_rollouts(correct: torch.Tensor, logprobs: Sequence[Sequ
     adv = token_advantages(correct, padded.view(P, G, -1), mask.view(P, G, -1), eps=eps, **section_kwargs(section))
     flat = adv.view(P * G, -1)
     return [flat[k, :len(s)].clone() for k, s in enumerate(seqs)]
+
+
+@register_token_advantages("lens")
+def lens_token_hook(correct: torch.Tensor, logprobs: Sequence[Sequence[float] | torch.Tensor], section,
+                    eps: float) -> list[torch.Tensor] | None:
+    """`train.lens.penalty=token`: per-token advantages; the paper's `sequence`: None (one per answer)."""
+    return token_advantages_for_rollouts(correct, logprobs, section, eps) if section.penalty == "token" else None
