@@ -22,6 +22,8 @@ COMMANDS = {
     "study": "every arm of study.arms x every seed of study.seeds from one warm start, then one report with "
              "CIs over seeds (a re-run skips finished runs)",
     "params": "print the resolved parameters (--explain: with one-line meanings)",
+    "replay-tracking": "send the MLflow records runs left on disk (tracking_buffer*.jsonl) when the store did not "
+                       "answer",
 }
 
 
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="where to write the evaluation JSON")
         if name == "study":
             p.add_argument("--jobs", type=int, default=None, help="runs trained at once (sets study.jobs)")
+        if name == "replay-tracking":
+            p.add_argument("--path", default=None,
+                           help="a buffer file or directory (default: every one under the profile's outputs)")
         if name == "params":
             p.add_argument("--explain", action="store_true", help="show each key's meaning")
     return parser
@@ -138,6 +143,12 @@ def run(args: argparse.Namespace) -> object:
         return stages.warm_start(params)
     if cmd == "train" and args.dry_run:
         return train_plan(params)
+    if cmd == "replay-tracking":
+        from lens.tracking import replay_buffer
+
+        dirs = [Path(args.path)] if args.path else sorted({p.parent for p in params.root.rglob("tracking_buffer*.jsonl")})
+        return {str(d): {k: v for k, v in vars(replay_buffer(d, params)).items() if not k.endswith("_by_run")}
+                for d in dirs}
 
     # MLflow: a no-op when tracking.enabled is false; an unreachable server fails here, before any work.
     from lens import pipeline, versioning

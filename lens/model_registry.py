@@ -2,7 +2,8 @@
 
 Flavor: `mlflow.transformers` from the saved model directory (task text-generation, explicit
 pip_requirements, the caller's prompt template); if that flavor refuses the model, a `mlflow.pyfunc`
-model carrying the directory as an artifact, whose predict generates with transformers.
+model carrying the directory as an artifact, whose predict generates with transformers. A store that
+does not answer defers it (a `policy` tracking record) instead of failing a run whose model is saved.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 from pathlib import Path
 
 from lens.tracking import Tracker, metric_key
+from lens.tracking_store import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -24,34 +26,69 @@ def log_policy(tracker: Tracker, model_dir: str | Path, algo: str, *, prompt_tem
     new version of `tracking.registered_model_name` with aliases `<algo>` and `<profile>-<algo>` (aliases,
     not the deprecated stages). Returns the version; None when tracking is off or tracking.log_model is
     off, and no version is registered when tracking.register_model is off.
+
+    When the store does not answer, the policy is not logged now: a `policy` record goes to the run's
+    sender (its disk buffer while the store is down) and the next run on the arm's outputs, or
+    lens.tracking.replay_buffer, logs and registers it; returns None then.
     """
     tp = tracker.params.tracking
     if not tracker.enabled or not tp.log_model:
         return None
-    import mlflow
-
     target = tracker.resolve_run(run_id)
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
-    profile = tracker.params.profile
-    tags = {"lens.algo": algo, "lens.profile": profile}
-    try:
-        info = _log_transformers(model_dir, target, tags, prompt_template)
-        flavor = "transformers"
-    except Exception as exc:
-        log.warning("mlflow.transformers could not log %s (%s); logging a pyfunc model instead", model_dir, exc)
-        info = _log_pyfunc(model_dir, target, tags, max_new_tokens)
-        flavor = "pyfunc"
-    tracker.set_tags({"lens.model_flavor": flavor, "lens.model_uri": info.model_uri}, target)
-    if not tp.register_model:
+    record = {"op": "policy", "run_id": target, "model_dir": str(model_dir.resolve()), "algo": algo,
+              "profile": tracker.params.profile, "prompt_template": prompt_template,
+              "max_new_tokens": max_new_tokens,
+              "registered_model_name": tp.registered_model_name if tp.register_model else None}
+    if tracker.store_answers(target):
+        try:
+            return deliver_policy(tracker.client, record)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            reason = tracker._redact(str(exc))[:300]
+    else:
+        reason = "the store does not answer"
+    log.warning("policy %s not logged to MLflow now (%s): kept for the next run on these outputs", model_dir,
+                reason)
+    tracker.send(record)
+    return None
+
+
+def deliver_policy(client, record: dict) -> str | None:
+    """Log and register the policy a `policy` record describes (see log_policy); returns the version."""
+    import mlflow
+
+    target, model_dir, algo = record["run_id"], Path(record["model_dir"]), record["algo"]
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
+    tags = {"lens.algo": algo, "lens.profile": record["profile"]}
+    # A record sent again (its first delivery outlived a bounded close) must not log or register twice:
+    # each stage leaves a tag on the run, and a stage already tagged is not repeated.
+    done = client.get_run(target).data.tags
+    if "lens.model_version" in done:
+        return done["lens.model_version"]
+    model_uri = done.get("lens.model_uri")
+    if model_uri is None:
+        try:
+            model_uri, flavor = _log_transformers(model_dir, target, tags, record["prompt_template"]).model_uri, "transformers"
+        except Exception as exc:
+            if is_transient(exc):  # the store, not the flavor: a pyfunc model would fail the same way
+                raise
+            log.warning("mlflow.transformers could not log %s (%s); logging a pyfunc model instead", model_dir, exc)
+            model_uri, flavor = _log_pyfunc(model_dir, target, tags, record["max_new_tokens"]).model_uri, "pyfunc"
+        client.set_tag(target, "lens.model_flavor", flavor)
+        client.set_tag(target, "lens.model_uri", model_uri)
+    name = record["registered_model_name"]
+    if not name:
         return None
-    name = tp.registered_model_name
-    version = mlflow.register_model(info.model_uri, name, await_registration_for=60,
+    version = mlflow.register_model(model_uri, name, await_registration_for=60,
                                     tags=tags | {"lens.run_id": target})
-    for alias in (algo, f"{profile}-{algo}"):
-        tracker.client.set_registered_model_alias(name, metric_key(alias).replace("/", "-"), version.version)
-    tracker.set_tags({"lens.model_version": str(version.version)}, target)
+    for alias in (algo, f"{record['profile']}-{algo}"):
+        client.set_registered_model_alias(name, metric_key(alias).replace("/", "-"), version.version)
+    client.set_tag(target, "lens.model_version", str(version.version))
     return str(version.version)
 
 

@@ -10,15 +10,22 @@ database, migrated once per MLflow version and kept (atomically written) under
 
 The template holds only MLflow's "Default" experiment; lens.tracking always creates its own experiment
 with an explicit artifact location, so nothing a test logs lands outside tmp_path.
+
+`MlflowServer(directory)` is a real `mlflow server` subprocess on 127.0.0.1 over such a database, for the
+faults a client-side store cannot have: killed (SIGKILL), hung (SIGSTOP), restarted on the same port.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +72,60 @@ def tracking_overrides(tmp_path: Path, *extra: str) -> list[str]:
     """params overrides that turn tracking on against a fresh store in tmp_path (fast system metrics)."""
     return ["tracking.enabled=true", f"tracking.tracking_uri={fresh_sqlite_uri(tmp_path)}",
             "tracking.system_metrics_interval_s=0.5", *extra]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 (a free port, kept across restarts) over a private SQLite database in
+    `directory`, proxying artifacts to directory/artifacts. It runs in its own process group, so that
+    kill/pause/resume reach its uvicorn worker too. Starting takes ~10 s on 2 cores."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.db = Path(fresh_sqlite_uri(self.directory).removeprefix("sqlite:///"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180) -> MlflowServer:
+        log = open(self.directory / "server.log", "a")  # noqa: SIM115 (the server writes it while it runs)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
+             "--artifacts-destination", str(self.directory / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.directory)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.directory / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"mlflow server did not answer within {timeout_s} s")
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _signal(self, sig: int) -> None:
+        if self.running:
+            os.killpg(self.process.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or OOM kill would: no goodbye on open connections."""
+        self._signal(signal.SIGCONT)  # a paused group would not die before it runs again
+        self._signal(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(timeout=30)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are accepted by the kernel and never answered (a hung server)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)

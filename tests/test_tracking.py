@@ -268,7 +268,7 @@ def test_comparison_artifacts_and_metrics_are_on_the_parent(scenario):
     assert not any(k.startswith("compare/") for k in client.get_run(scenario["runs"]["lens"]).data.metrics)
 
 
-def test_a_body_that_raises_leaves_parent_and_child_failed(tmp_path, monkeypatch, caplog):
+def test_a_body_that_raises_leaves_parent_and_child_failed(tmp_path, caplog):
     params = small_params(tmp_path, *tracking_overrides(tmp_path, "tracking.system_metrics=false"))
     with pytest.raises(RuntimeError, match="boom"):
         with Tracker(params) as tracker:
@@ -284,15 +284,11 @@ def test_a_body_that_raises_leaves_parent_and_child_failed(tmp_path, monkeypatch
         tracker.log_metrics({"eval/acc": 0.25})
     assert reopened == run_id and client.get_run(run_id).info.status == "FINISHED"
     assert client.get_run(run_id).data.metrics["eval/acc"] == 0.25
-    # a store hiccup during training costs a metric point, not the training run
+    # outside an open run, a store that refuses a step's metrics costs a warning, not the training run
     callback = tracker.step_callback(run_id)
-
-    def store_down(*args, **kwargs):
-        raise ConnectionError("store down")
-
-    monkeypatch.setattr(tracker, "_log_metrics", store_down)
+    client.delete_run(run_id)
     callback(2, {"train/acc": 0.75})
-    assert "store down" in caplog.text
+    assert "step 2 metrics not logged" in caplog.text
 
 
 def test_unreachable_server_fails_fast_naming_the_uri(tmp_path):
