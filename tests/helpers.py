@@ -36,6 +36,22 @@ def synthetic_data(params) -> None:
     write_problems(params.data_dir / "eval.jsonl", synthetic_problems("eval", s.eval_per_level, s.seed, params.data.levels))
 
 
+def trainer_scoring_with(params, scorer=None):
+    """A Trainer on `params` whose verifier calls `scorer(completion, gold)` (the Verifier's test hook)."""
+    from lens.train import Trainer
+    from lens.verify import Verifier
+
+    trainer = Trainer(params)
+    if scorer is not None:
+        trainer.verifier.close()
+        trainer.verifier = Verifier(timeout_s=30, workers=1, scorer=scorer)
+    return trainer
+
+
+def model_weights(trainer) -> dict:
+    return {k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+
+
 def shared_data_overrides() -> list[str]:
     """`data.*_path` overrides that read MATH and GSM8K from ../shared/data instead of the hub."""
     from tests.conftest import SHARED_DATA

@@ -21,9 +21,8 @@ import pytest
 import torch
 
 from lens.sampling import extra_problems, fill_batch, training_set, zero_variance
-from lens.train import Trainer
 from lens.verify import Verifier
-from tests.helpers import SMALL, random_policy, small_params, synthetic_data
+from tests.helpers import SMALL, model_weights, random_policy, small_params, synthetic_data, trainer_scoring_with
 
 P, G = 4, 4  # tests.helpers.SMALL: train.prompts_per_step, rollout.group_size
 DS = ["train.dynamic_sampling=true"]
@@ -41,16 +40,7 @@ def _params(root, *extra):
     return params
 
 
-def _trainer(params, scorer=None) -> Trainer:
-    trainer = Trainer(params)
-    if scorer is not None:
-        trainer.verifier.close()
-        trainer.verifier = Verifier(timeout_s=30, workers=1, scorer=scorer)
-    return trainer
-
-
-def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+_trainer, _weights = trainer_scoring_with, model_weights
 
 
 def test_extra_draws_are_seeded_by_seed_step_and_draw_and_skip_the_steps_questions():

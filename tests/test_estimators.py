@@ -15,8 +15,7 @@ from lens.estimators.grpo import grpo_advantages
 from lens.estimators.lens import lens_advantages
 from lens.estimators.lens_token import token_advantages, token_advantages_for_rollouts
 from lens.estimators.negative_reinforcement import weighted_reinforce_advantages
-from lens.estimators.ngrpo import ngrpo_advantages
-from lens.estimators.unlikeliness import likelihood_ranks, unlikeliness_advantages
+from lens.estimators.unlikeliness import likelihood_ranks
 from lens.loss import policy_loss
 from lens.params import ParamsError, TrainParams, load_params
 

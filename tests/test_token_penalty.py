@@ -21,8 +21,7 @@ from lens.estimators.lens_token import token_advantages_for_rollouts
 from lens.params import TrainParams
 from lens.rollout import Rollout
 from lens.train import Trainer
-from lens.verify import Verifier
-from tests.helpers import random_policy, small_params, synthetic_data
+from tests.helpers import model_weights, random_policy, small_params, synthetic_data, trainer_scoring_with
 
 TOKEN = ["train.algo=lens", "train.lens.penalty=token"]
 
@@ -36,15 +35,10 @@ def _trainer(tmp_path, *extra, scorer=None) -> Trainer:
     params = small_params(tmp_path, *extra)
     random_policy(params)
     synthetic_data(params)
-    trainer = Trainer(params)
-    if scorer is not None:
-        trainer.verifier.close()
-        trainer.verifier = Verifier(timeout_s=30, workers=1, scorer=scorer)
-    return trainer
+    return trainer_scoring_with(params, scorer)
 
 
-def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+_weights = model_weights
 
 
 def test_a_trainer_step_with_the_per_token_penalty_trains_on_per_token_advantages(tmp_path):
