@@ -10,6 +10,7 @@ next attempt rebuilds the trainer with `resume=True`, the same code path as `len
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -205,6 +206,7 @@ class TrainingRun:
         done = t.state.step >= self.params.train.steps
         summary = {"algo": self.arm, "step": t.state.step, "done": done, "updates": t.state.updates,
                    "skipped_updates": t.state.skipped_updates, "seconds": time.perf_counter() - self.started,
+                   "pid": os.getpid(),
                    "last_metrics": self.last_metrics, "rounds": self.rounds, "orchestrator": self.runner.name,
                    "distributed": {"type": t.accelerator.distributed_type.value, "processes": t.world},
                    "verify": t.verifier.stats.as_dict()} | self.runner.summary_fields()

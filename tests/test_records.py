@@ -277,7 +277,8 @@ def test_rollout_counts_of_a_scored_batch():
     advantages = torch.tensor([[0.0, 0.0], [-0.5, -0.25], [1.0, -1.0]])
     rollouts = [SimpleNamespace(completion_ids=[0] * n, truncated=n == 4) for n in (1, 2, 3, 4, 4, 1)]
     scored = SimpleNamespace(correct=correct, advantages=advantages, batch=SimpleNamespace(rollouts=rollouts),
-                             verify_stats={"timeouts": 1, "parse_failures": 2}, old_logprobs=None)
+                             verify_stats={"timeouts": 1, "parse_failures": 2}, old_logprobs=None,
+                             token_advantages=None, trained=None, sampling_rounds=1)
     c = RolloutCounts.of(scored)
     assert (c.correct, c.samples, c.groups) == (3.0, 6, 3)
     assert (c.groups_all_correct, c.groups_all_wrong, c.groups_mixed) == (1, 1, 1)

@@ -2,6 +2,7 @@
 MLflow parent with a child per run, and a re-run that skips what is finished and resumes what is not."""
 
 import json
+import os
 
 import pytest
 
@@ -75,3 +76,19 @@ def test_study_through_the_cli_reports_over_seeds_and_skips_finished_runs(tmp_pa
     assert parents and {c.info.run_name for c in children} == {"grpo-seed1", "lens_neg-seed1"}
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert any(a.path == "study" for a in client.list_artifacts(parents[0].info.run_id))
+
+
+def test_study_jobs_train_runs_in_processes_of_their_own_under_one_parent(tmp_path):
+    from mlflow import MlflowClient
+
+    tracking = tracking_overrides(tmp_path)
+    random_policy(small_params(tmp_path, *_study(tmp_path)[1:], *tracking))
+    assert main(["study", "--profile", "tiny", *_study(tmp_path, "study.seeds=[5]"), *tracking, "--jobs", "2"]) == 0
+    params = load_params("tiny", _study(tmp_path, "study.seeds=[5]", *tracking))
+    pids = {json.loads(r.files.train_summary.read_text())["pid"] for r in plan(params)}
+    assert len(pids) == 2 and os.getpid() not in pids  # each run in a process of its own
+    client = MlflowClient(tracking[1].split("=", 1)[1])
+    exp = client.get_experiment_by_name("lens-tiny")
+    children = client.search_runs([exp.experiment_id], "tags.`lens.seed` = '5'")
+    assert {c.info.run_name for c in children} == {"grpo-seed5", "lens_neg-seed5"}
+    assert len({c.data.tags["mlflow.parentRunId"] for c in children}) == 1
