@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--max-steps", type=int, default=None, help="stop after this many more steps")
             p.add_argument("--dry-run", action="store_true",
-                           help="validate the configuration and print the plan; load and download nothing")
+                           help="validate the configuration and print the plan (batches, prompt, per-GPU memory); "
+                                "refuse one that cannot fit the GPU; load and download nothing")
+            p.add_argument("--world-size", type=int, default=None, metavar="N",
+                           help="dry run: plan for N processes (default: accelerate launch's WORLD_SIZE, else 1)")
+            p.add_argument("--fsdp", action="store_true", default=None,
+                           help="dry run: plan for FSDP (default: as accelerate launch set it, else DDP)")
         if name == "evaluate":
             p.add_argument("--model", default=None, help="evaluate this model directory instead of <algo>/final")
             p.add_argument("--out", default=None, help="where to write the evaluation JSON")
@@ -60,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_plan(params) -> dict:
-    """The batch arithmetic a user wants to see before paying for a run."""
+def train_plan(params, world_size: int = 1, fsdp: bool = False, gpu_memory_gb: float | None = None) -> dict:
+    """The batch arithmetic and per-GPU memory a user wants to see before paying for a run."""
+    from lens.memory_plan import memory_plan
+
     tp, rp = params.train, params.rollout
     samples = tp.prompts_per_step * rp.group_size
     updates = tp.ppo_epochs * -(-samples // tp.mini_batch_size)
@@ -74,13 +81,16 @@ def train_plan(params) -> dict:
         "data": {"train": params.data.train_source, "eval": params.data.eval_source, "levels": params.data.levels},
         "prompts_per_step": tp.prompts_per_step, "samples_per_step": samples,
         "samples_per_update": tp.mini_batch_size, "updates_per_rollout_batch": updates,
-        "micro_batch_size": tp.micro_batch_size,
-        "grad_accumulation_steps": -(-tp.mini_batch_size // tp.micro_batch_size),
+        "micro_batch_size": tp.micro_batch_size, "micro_batch_tokens": tp.micro_batch_tokens,
+        # by count; with micro_batch_tokens the split follows each mini-batch's lengths
+        "grad_accumulation_steps": (-(-tp.mini_batch_size // tp.micro_batch_size) if tp.micro_batch_tokens is None
+                                    else "by token budget"),
         "steps": tp.steps, "total_updates": tp.steps * updates,
         "total_samples": tp.steps * samples, "max_rollout_tokens": tp.steps * samples * rp.max_new_tokens,
         "clip": [tp.clip_low, tp.clip_high], "kl_beta": tp.kl_beta, "lr": tp.lr,
         "outputs": str(params.algo_dir()),
         "prompt": _prompt_example(params),
+        "memory": memory_plan(params, world_size, fsdp, gpu_memory_gb),
     } | _section(tp)
 
 
@@ -142,7 +152,7 @@ def run(args: argparse.Namespace) -> object:
     if cmd == "warm-start":
         return stages.warm_start(params)
     if cmd == "train" and args.dry_run:
-        return train_plan(params)
+        return _dry_run(params, args)
     if cmd == "replay-tracking":
         from lens.tracking import replay_buffer
 
@@ -191,6 +201,29 @@ def run(args: argparse.Namespace) -> object:
     raise AssertionError(cmd)
 
 
+def _dry_run(params, args) -> dict:
+    """train_plan for the launch topology (accelerate's, or --world-size/--fsdp); a plan that cannot fit the
+    GPU is printed, then refused (exit 2) with the keys to change, as are set-ups FSDP does not implement."""
+    from lens.memory_plan import gpu_memory, launch_topology, memory_refusal
+    from lens.preflight import check_fsdp_support
+
+    world, fsdp = launch_topology()
+    world = args.world_size or world
+    fsdp = fsdp if args.fsdp is None else args.fsdp
+    try:
+        check_fsdp_support(params, fsdp, fsdp2=True)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
+    memory_gb, memory_source = gpu_memory(params)
+    plan = train_plan(params, world, fsdp, memory_gb)
+    plan["memory"]["gpu_memory_source"] = memory_source
+    refusal = memory_refusal(plan["memory"], params, memory_source)
+    if refusal:
+        print(json.dumps(plan, indent=2, default=str))
+        raise ParamsError(refusal)
+    return plan
+
+
 def _comparison_result(cmp: dict, mlflow_url: str | None) -> dict:
     print(Path(cmp["files"]["md"]).read_text())
     return {"files": cmp["files"], "mlflow": mlflow_url}
@@ -218,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
+    if getattr(args, "world_size", None) is not None and args.world_size < 1:
+        parser.error("--world-size must be >= 1")
+    if (getattr(args, "world_size", None) is not None or getattr(args, "fsdp", None)) and not args.dry_run:
+        parser.error("--world-size and --fsdp describe a dry run; a run takes them from accelerate launch")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # transformers' per-shard progress bars drown the training progress in a terminal.

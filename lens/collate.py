@@ -48,3 +48,22 @@ def collate(rollouts: list[Rollout], advantages: torch.Tensor | list[torch.Tenso
             adv[row, start:end] = advantages[i]
     return MicroBatch(input_ids.to(device), attention.to(device), loss_mask.to(device), old_lp.to(device),
                       adv.to(device), engine_lp.to(device))
+
+
+def token_budget_split(lengths: dict[int, int], budget: int, min_count: int = 1) -> list[list[int]]:
+    """Rollout index -> sequence length, split into micro-batches of at most `budget` padded tokens (rows x
+    longest row, what a forward pass allocates; a longer sequence goes alone), longest first so that rows of
+    a micro-batch have similar lengths; then the largest are halved until there are `min_count` (ranks must
+    run as many forward passes; halving only lowers a micro-batch's tokens). Ties keep index order."""
+    order = sorted(lengths, key=lambda i: (-lengths[i], i))
+    micro: list[list[int]] = []
+    for i in order:
+        if micro and (len(micro[-1]) + 1) * lengths[micro[-1][0]] <= budget:
+            micro[-1].append(i)
+        else:
+            micro.append([i])
+    while len(micro) < min(min_count, len(order)):
+        largest = max((m for m in micro if len(m) > 1), key=lambda m: len(m) * lengths[m[0]])
+        at = micro.index(largest)
+        micro[at:at + 1] = [largest[:len(largest) // 2], largest[len(largest) // 2:]]
+    return micro

@@ -33,6 +33,10 @@ class Section(BaseModel):
 class RunParams(Section):
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     output_root: str = Field("runs", description="Root of all outputs; the profile's outputs go to <root>/<profile>.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of each GPU in GiB (2^30 bytes, as torch reports it: an 80 GB H100 has "
+                                "~79.1) that `lens train --dry-run` checks its memory plan against (None: the "
+                                "CUDA device's, detected; no CUDA device: nothing checked).")
 
 
 class SyntheticParams(Section):
@@ -218,6 +222,14 @@ class TrainParams(Section):
     prompts_per_step: int = Field(16, ge=1, description="Questions rolled out per step (global).")
     mini_batch_size: int = Field(64, ge=1, description="Trajectories per optimiser update (global).")
     micro_batch_size: int = Field(64, ge=1, description="Trajectories per forward/backward (per process).")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="Token budget of a forward/backward instead of micro_batch_size: micro-batches "
+                                "of at most this many padded tokens (rows x longest; a longer sequence alone), "
+                                "length-sorted; also for recompute_old_logprobs (None: micro_batch_size).")
+    logprob_chunk_tokens: int | None = Field(
+        None, ge=1, description="Log-probs on completion positions only, the lm_head applied to this many "
+                                "positions at a time (recomputed in backward), so [B, T, V] logits never exist "
+                                "(None: full logits, as before).")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

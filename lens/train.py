@@ -27,9 +27,10 @@ from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
 from lens.checkpoint import Checkpointer, params_fingerprint
-from lens.collate import MicroBatch, collate
+from lens.collate import MicroBatch, collate, token_budget_split
 from lens.data import Problem, read_problems, render_prompt
 from lens.estimators import compute_advantages, compute_token_advantages
+from lens.logprobs import completion_logprobs
 from lens.loss import policy_loss, token_logprobs_and_entropy
 from lens.models import load_policy
 from lens.preflight import check_fsdp_support, check_master_weights
@@ -215,14 +216,12 @@ class Trainer:
     def recompute_old_logprobs(self, rollouts: list[Rollout]) -> list[torch.Tensor]:
         """pi_old of every completion token from the trainer's forward pass, before any update of this
         batch, micro-batched as the update is (verl's compute_log_prob); on the CPU, one tensor per rollout."""
-        out = []
-        for start in range(0, len(rollouts), self.params.train.micro_batch_size):
-            idx = list(range(start, min(start + self.params.train.micro_batch_size, len(rollouts))))
+        out: list[torch.Tensor | None] = [None] * len(rollouts)
+        for idx in self._micro_batches(rollouts, list(range(len(rollouts)))):
             batch = self._collate(rollouts, None, idx)
-            logp, _ = self._logprobs(self.model, batch.input_ids, batch.attention)
-            for row, i in enumerate(idx):
-                begin = len(rollouts[i].prompt_ids) - 1
-                out.append(logp[row, begin:begin + len(rollouts[i].completion_ids)].float().cpu())
+            logp, _ = self._logprobs(self.model, batch.input_ids, batch.attention, mask=batch.loss_mask)
+            for row, i in enumerate(idx):  # the loss mask is 1 on exactly the completion's targets
+                out[i] = logp[row][batch.loss_mask[row].bool()].float().cpu()
         return out
 
     # ---- phase 3: policy update -----------------------------------------------------------------
@@ -230,11 +229,28 @@ class Trainer:
                  old_logprobs: list[torch.Tensor] | None = None) -> MicroBatch:
         return collate(rollouts, advantages, idx, self.tokenizer.pad_token_id, self.accelerator.device, old_logprobs)
 
-    def _logprobs(self, model, input_ids, attention, with_entropy=False):
+    def _micro_batches(self, rollouts: list[Rollout], idx: list[int]) -> list[list[int]]:
+        """`idx` by train.micro_batch_size, or by train.micro_batch_tokens and then as many on every rank (the
+        most any rank needs): each forward is a collective under FSDP and syncs buffers under DDP."""
+        tp = self.params.train
+        if tp.micro_batch_tokens is None:
+            return [idx[i:i + tp.micro_batch_size] for i in range(0, len(idx), tp.micro_batch_size)]
+        lengths = {i: len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids) for i in idx}
+        count = len(token_budget_split(lengths, tp.micro_batch_tokens))
+        if self.world > 1:
+            count = int(self.accelerator.gather(torch.tensor([count], device=self.accelerator.device)).max().item())
+        return token_budget_split(lengths, tp.micro_batch_tokens, min_count=count)
+
+    def _logprobs(self, model, input_ids, attention, with_entropy=False, mask=None):
+        """Log-probs [B, T-1], entropy (no gradient); train.logprob_chunk_tokens: on `mask` only (lens.logprobs)."""
+        chunk, temperature = self.params.train.logprob_chunk_tokens, self.params.rollout.temperature
         with torch.autocast(self.accelerator.device.type, dtype=self.compute_dtype,
                             enabled=self.compute_dtype != torch.float32):
+            if chunk is not None and mask is not None:
+                return completion_logprobs(model, input_ids, attention, mask, temperature, chunk, with_entropy,
+                                           unwrapped=self.accelerator.unwrap_model(model))
             logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
-        return token_logprobs_and_entropy(logits, input_ids[:, 1:], self.params.rollout.temperature, with_entropy)
+        return token_logprobs_and_entropy(logits, input_ids[:, 1:], temperature, with_entropy)
 
     def update(self, scored: ScoredBatch) -> dict:
         tp = self.params.train
@@ -261,7 +277,7 @@ class Trainer:
 
     def _minibatch_update(self, rollouts, advantages, mb: list[int], old_logprobs=None):
         tp = self.params.train
-        micro = [mb[i:i + tp.micro_batch_size] for i in range(0, len(mb), tp.micro_batch_size)]
+        micro = self._micro_batches(rollouts, mb)
         batches = [self._collate(rollouts, advantages, m, old_logprobs) for m in micro]
         if tp.loss_agg == "seq-mean-token-mean":
             normalizer = float(len(mb))
@@ -280,11 +296,10 @@ class Trainer:
                 ref_lp = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref_lp, _ = self._logprobs(self.ref_model, input_ids, attention)
-                logp, entropy = self._logprobs(self.model, input_ids, attention, with_entropy=True)
-                weights = None
-                if tp.rollout_correction == "tis":  # truncated importance weights pi_old / pi_engine
-                    weights = torch.exp(old_lp - engine_lp).clamp(max=tp.tis_cap) * mask
+                        ref_lp, _ = self._logprobs(self.ref_model, input_ids, attention, mask=mask)
+                logp, entropy = self._logprobs(self.model, input_ids, attention, with_entropy=True, mask=mask)
+                weights = (torch.exp(old_lp - engine_lp).clamp(max=tp.tis_cap) * mask  # truncated pi_old / pi_engine
+                           if tp.rollout_correction == "tis" else None)
                 out = self.compute_loss(logp, old_lp, adv, mask, ref_lp, normalizer, is_weights=weights)
                 loss = out.loss
                 if not torch.isfinite(loss):
