@@ -70,14 +70,16 @@ class RunFiles:
     def round_manifest(self, index: int) -> Path:
         return self.rollouts / f"round-{index:04d}.json"
 
+    def trained(self) -> bool:
+        """train_summary.json says the run reached train.steps (and saved its final policy)."""
+        try:
+            return bool(json.loads(self.train_summary.read_text()).get("done", False))
+        except (OSError, ValueError):
+            return False
+
     def interrupted(self) -> bool:
         """A run was started here and did not finish: checkpoints exist, and no train_summary.json says done."""
-        if not any(self.checkpoints.glob("step-*")):
-            return False
-        try:
-            return not json.loads(self.train_summary.read_text()).get("done", False)
-        except (OSError, ValueError):
-            return True
+        return any(self.checkpoints.glob("step-*")) and not self.trained()
 
 
 # ---- one writer per run directory ---------------------------------------------------------------

@@ -10,7 +10,6 @@ Running a study again skips every run whose evaluation is written and resumes an
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -39,11 +38,7 @@ class StudyRun:
 
     @property
     def trained(self) -> bool:
-        """Trained to train.steps (its final policy saved)."""
-        try:
-            return json.loads(self.files.train_summary.read_text()).get("done", False)
-        except (OSError, ValueError):
-            return False
+        return self.files.trained()
 
     @property
     def finished(self) -> bool:
