@@ -333,6 +333,9 @@ class VerifyParams(Section):
                               "answers parse (0: off).")
     on_unhealthy: Literal["stop", "warn"] = Field(
         "stop", description="An unhealthy step stops the run (RewardHealthError) or logs a loud warning.")
+    overlap: bool = Field(
+        True, description="Verify finished groups while the engine generates the rest (same rewards; the step "
+                          "waits only for the tail). false: verify the whole batch after generation.")
 
 
 class TrackingParams(Section):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import torch
 from lens.data import Problem
 from lens.estimators.groups import group_masks
 from lens.rollout import Rollout
+
+if TYPE_CHECKING:
+    from lens.scoring import RewardStream
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class RolloutBatch:
     prompts: list[str]
     rollouts: list[Rollout]            # len(problems) * G, grouped by question
     seconds: float
+    rewards: RewardStream | None = None  # their verification, under way since generation (lens.scoring)
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +61,8 @@ class ScoredBatch:
     token_advantages: list[torch.Tensor] | None = None   # one per completion token of each rollout, if per token
     trained: torch.Tensor | None = None  # [P] groups the update uses (dynamic sampling; None: all)
     sampling_rounds: int = 1           # generation rounds that made this batch
+    verify_busy_seconds: float = 0.0   # the verifier's working time (verify_seconds: what the step waited)
+    verify_streamed: int = 0           # rollouts handed to the verifier before generation ended
 
 
 def zero_variance(correct: torch.Tensor) -> torch.Tensor:
@@ -128,6 +135,8 @@ def concat(parts: list[ScoredBatch]) -> ScoredBatch:
                    mean_logprob=torch.cat([p.mean_logprob for p in parts]),
                    advantages=torch.cat([p.advantages for p in parts]),
                    verify_seconds=sum(p.verify_seconds for p in parts),
+                   verify_busy_seconds=sum(p.verify_busy_seconds for p in parts),
+                   verify_streamed=sum(p.verify_streamed for p in parts),
                    verify_stats={k: sum(p.verify_stats.get(k, 0) for p in parts) for k in first.verify_stats},
                    old_logprobs=joined("old_logprobs"), token_advantages=joined("token_advantages"))
 

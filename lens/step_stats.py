@@ -54,6 +54,7 @@ class RolloutCounts:
     verify_rejected: int = 0               # scored 0 unverified: too long or nested too deep (lens.reward_health)
     verify_sanitized: int = 0              # NUL bytes / invalid UTF-8 removed before scoring
     verify_gold_errors: int = 0            # gold answers that did not parse (scored 0, never 1)
+    verify_streamed: int = 0               # handed to the verifier before generation ended (verify.overlap)
     # engine vs trainer log-probs of the same tokens (when pi_old is recomputed): sums over tokens
     logprob_abs_diff: float = 0.0
     logprob_k3: float = 0.0                # k3 estimate of KL(engine || trainer), >= 0 per token
@@ -91,9 +92,11 @@ class RolloutCounts:
             negative_samples=int(all_wrong.sum()) * adv.shape[1], verify_timeouts=vs.get("timeouts", 0),
             verify_errors=vs.get("errors", 0), verify_parse_failures=vs.get("parse_failures", 0),
             verify_rejected=vs.get("rejected", 0), verify_sanitized=vs.get("sanitized", 0),
-            verify_gold_errors=vs.get("gold_errors", 0))
+            verify_gold_errors=vs.get("gold_errors", 0), verify_streamed=scored.verify_streamed)
 
-    def metrics(self, rollout_s: float, verify_s: float) -> dict[str, float]:
+    def metrics(self, rollout_s: float, verify_s: float, verify_busy_s: float = 0.0) -> dict[str, float]:
+        """verify_s: what the step waited for the verifier after generation; verify_busy_s: its working time
+        (more than verify_s when it verified groups while the engine generated the rest, verify.overlap)."""
         return {
             "train/reward_mean": self.correct / self.samples, "train/acc": self.correct / self.samples,
             "train/frac_groups_all_correct": self.groups_all_correct / self.groups,
@@ -109,7 +112,8 @@ class RolloutCounts:
             "verify/parse_failures": self.verify_parse_failures, "verify/rejected": self.verify_rejected,
             "verify/sanitized": self.verify_sanitized, "verify/gold_errors": self.verify_gold_errors,
             "train/samples": self.samples, "train/completion_tokens": self.completion_tokens,
-            "perf/rollout_s": rollout_s, "perf/verify_s": verify_s,
+            "perf/rollout_s": rollout_s, "perf/verify_s": verify_s, "perf/verify_busy_s": verify_busy_s,
+            "verify/streamed_frac": self.verify_streamed / self.samples,
             # dynamic sampling's cost: every rollout generated (dropped ones included) and the groups kept
             "train/rollouts_generated": self.samples, "train/groups_trained": self.groups_trained,
             "train/groups_dropped_zero_variance": self.groups_dropped_zero_variance,

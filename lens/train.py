@@ -37,8 +37,9 @@ from lens.preflight import check_fsdp_support, check_master_weights
 from lens.records import (ROLLOUT_COLUMNS, RunFiles, RunLock, append_metrics, rollout_columns, truncate_metrics,
                           write_rollouts)
 from lens.reward_health import RewardHealth
-from lens.rollout import Rollout, SamplingConfig, make_engine
+from lens.rollout import Rollout, SamplingConfig, make_engine, streams
 from lens.sampling import RolloutBatch, ScoredBatch, fill_batch, training_set
+from lens.scoring import RewardStream
 from lens.step_stats import RolloutCounts, UpdateStats, reduce_over_processes
 from lens.verify import Verifier
 
@@ -180,27 +181,31 @@ class Trainer:
 
     def generate(self, step: int, problems: list[Problem], draw: int = 0) -> RolloutBatch:
         """G rollouts of each question. Draw k > 0 (dynamic sampling's extra rounds) samples from seed stream
-        k + 1 of (run.seed, step, rank): stream 0 is the step's first draw, stream 1 the update's order."""
+        k + 1 of (run.seed, step, rank): stream 0 is the step's first draw, stream 1 the update's order.
+        With verify.overlap and an engine that streams, finished groups are verified while the rest generate."""
         prompts = [render_prompt(p, self.tokenizer, self.params.model.prompt) for p in problems]
         rp = self.params.rollout
         sampling = SamplingConfig(temperature=rp.temperature, top_p=rp.top_p, max_new_tokens=rp.max_new_tokens,
                                   seed=_step_seed(self.params.run.seed, step, self.rank, draw + 1 if draw else 0))
+        rewards = RewardStream(self.verifier, [p.answer for p in problems])
+        overlap = {"on_groups": rewards.add} if self.params.verify.overlap and streams(self.engine) else {}
         t0 = time.perf_counter()
-        rollouts = self.engine.generate(prompts, rp.group_size, sampling)
-        return RolloutBatch(step, problems, prompts, rollouts, time.perf_counter() - t0)
+        try:
+            rollouts = self.engine.generate(prompts, rp.group_size, sampling, **overlap)
+        except BaseException:
+            rewards.close()
+            raise
+        return RolloutBatch(step, problems, prompts, rollouts, time.perf_counter() - t0, rewards)
 
     # ---- phase 2: verification and advantages ---------------------------------------------------
     def score(self, batch: RolloutBatch, check_health: bool = True) -> ScoredBatch:
         """`check_health`: the step's first draw is the one the reward monitor sees (once per step)."""
         G, tp = self.params.rollout.group_size, self.params.train
-        golds = [batch.problems[r.prompt_index].answer for r in batch.rollouts]
-        t0 = time.perf_counter()
-        rewards = self.verifier.score_batch([r.text for r in batch.rollouts], golds)
-        seconds = time.perf_counter() - t0
+        stream = batch.rewards or RewardStream(self.verifier, [p.answer for p in batch.problems])
+        scores = stream.result(batch.rollouts)  # what generation left to verify (all of it without overlap)
         if check_health:  # whole-step counts (a collective), so that every rank stops or trains on alike
-            self.reward_health.check(reduce_over_processes(self.verifier.last_batch_stats, self.accelerator),
-                                     batch.step)
-        correct = torch.tensor(rewards, dtype=torch.float32).view(-1, G)
+            self.reward_health.check(reduce_over_processes(scores.stats, self.accelerator), batch.step)
+        correct = torch.tensor(scores.rewards, dtype=torch.float32).view(-1, G)
         old = self.recompute_old_logprobs(batch.rollouts) if tp.recompute_old_logprobs else None
         per_rollout = [o.double().mean().item() if o.numel() else 0.0 for o in old] if old is not None else \
             [r.mean_logprob for r in batch.rollouts]
@@ -209,8 +214,9 @@ class Trainer:
         token_adv = compute_token_advantages(tp, correct, [r.logprobs for r in batch.rollouts] if old is None else old)
         adv = compute_advantages(tp, correct, mean_logprob) if token_adv is None else torch.tensor(
             [a.double().mean().item() if a.numel() else 0.0 for a in token_adv], dtype=torch.float32).view(-1, G)
-        return ScoredBatch(batch, correct, mean_logprob, adv, seconds, self.verifier.last_batch_stats.as_dict(),
-                           old_logprobs=old, token_advantages=token_adv)
+        return ScoredBatch(batch, correct, mean_logprob, adv, scores.wait_s, scores.stats.as_dict(),
+                           old_logprobs=old, token_advantages=token_adv, verify_busy_seconds=scores.busy_s,
+                           verify_streamed=scores.streamed_items)
 
     @torch.no_grad()
     def recompute_old_logprobs(self, rollouts: list[Rollout]) -> list[torch.Tensor]:
@@ -348,7 +354,7 @@ class Trainer:
     def step_metrics(self, scored: ScoredBatch) -> dict:
         """Rollout-side metrics of the whole step (sums over processes, then ratios)."""
         counts = reduce_over_processes(RolloutCounts.of(scored), self.accelerator)
-        return counts.metrics(scored.batch.seconds, scored.verify_seconds)
+        return counts.metrics(scored.batch.seconds, scored.verify_seconds, scored.verify_busy_seconds)
 
     def train_step(self, run_phase: Callable | None = None) -> dict:
         """One RL step, each phase through `run_phase(name, fn)` (default: call it); returns its metrics."""

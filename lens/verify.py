@@ -326,6 +326,13 @@ class Verifier:
         call (``None``: no limit). Timeouts, parse failures and internal errors all give 0.0 and are
         counted in ``stats`` and ``last_batch_stats``; errors are also logged. ``strict=True`` raises
         :class:`VerifierError` after the batch (stats already updated) if any item had an internal error."""
+        rewards, _ = self.score_with_stats(completions, golds, strict=strict, timeout_s=timeout_s)
+        return rewards
+
+    def score_with_stats(self, completions: Sequence[str], golds: Sequence[str], *, strict: bool = False,
+                         timeout_s: float | None | type[...] = ...) -> tuple[list[float], VerifyStats]:
+        """``score_batch`` and this call's own counts (``last_batch_stats`` may already describe a later call
+        from another thread: lens.scoring scores in the background)."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
         t = self.timeout_s if timeout_s is ... else timeout_s
@@ -354,7 +361,7 @@ class Verifier:
             c, g = pairs[i]
             raise VerifierError(f"{len(errors)} internal verifier error(s) in a batch of {len(pairs)}; "
                                 f"first: {err}; completion={_trunc(c)!r} gold={_trunc(g)!r}")
-        return [_reward(o) for o in outcomes]
+        return [_reward(o) for o in outcomes], batch
 
 
 def _log_problems(pairs: list[tuple[str, str]], timeouts: list[int], errors: list[tuple[int, str]],

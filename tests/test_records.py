@@ -278,8 +278,9 @@ def test_rollout_counts_of_a_scored_batch():
     rollouts = [SimpleNamespace(completion_ids=[0] * n, truncated=n == 4) for n in (1, 2, 3, 4, 4, 1)]
     scored = SimpleNamespace(correct=correct, advantages=advantages, batch=SimpleNamespace(rollouts=rollouts),
                              verify_stats={"timeouts": 1, "parse_failures": 2}, old_logprobs=None,
-                             token_advantages=None, trained=None, sampling_rounds=1)
+                             token_advantages=None, trained=None, sampling_rounds=1, verify_streamed=4)
     c = RolloutCounts.of(scored)
+    assert c.verify_streamed == 4 and c.metrics(1.0, 0.5, 2.0)["verify/streamed_frac"] == 4 / 6
     assert (c.correct, c.samples, c.groups) == (3.0, 6, 3)
     assert (c.groups_all_correct, c.groups_all_wrong, c.groups_mixed) == (1, 1, 1)
     assert c.samples_with_signal == 4 and c.completion_tokens == 15 and c.truncated == 2

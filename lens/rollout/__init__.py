@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 
 from lens.rollout.base import (EngineFactory, Rollout, RolloutEngine, SamplingConfig, cut_at_eos, engine_names,
-                               eos_token_ids, make_engine, register_engine)
+                               eos_token_ids, make_engine, register_engine, streams)
 
 __all__ = ["EngineFactory", "HFEngine", "Rollout", "RolloutEngine", "SamplingConfig", "cut_at_eos", "engine_names",
-           "eos_token_ids", "make_engine", "register_engine"]
+           "eos_token_ids", "make_engine", "register_engine", "streams"]
 
 
 def __getattr__(name: str):

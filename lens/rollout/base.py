@@ -44,13 +44,25 @@ class RolloutEngine(Protocol):
     trainer computes in its forward pass (`lens.loss.token_logprobs_and_entropy`), so the PPO ratio
     starts at 1 on-policy."""
 
-    def generate(self, prompts: list[str], n: int, sampling: SamplingConfig) -> list[Rollout]:
-        """len(prompts) * n rollouts, grouped: prompt 0's n samples first (greedy: one per prompt)."""
+    def generate(self, prompts: list[str], n: int, sampling: SamplingConfig,
+                 on_groups: Callable[[list[Rollout]], None] | None = None) -> list[Rollout]:
+        """len(prompts) * n rollouts, grouped: prompt 0's n samples first (greedy: one per prompt).
+
+        Optional (see `streams`): `on_groups` is called, as generation goes, with each batch of finished
+        groups (all samples of a prompt; batches in any prompt order), the same objects as returned, so the
+        caller can verify them while the rest is generated (lens.scoring)."""
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights."""
 
     def close(self) -> None: ...
+
+
+def streams(engine) -> bool:
+    """Whether `engine.generate` takes `on_groups` (engines registered before it existed do not)."""
+    import inspect
+
+    return "on_groups" in inspect.signature(engine.generate).parameters
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:

@@ -6,6 +6,8 @@ of the tempered full distribution, as in verl; keep top_p = 1 (the paper's setti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -71,7 +73,8 @@ class HFEngine:
         pass
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int, sampling: SamplingConfig) -> list[Rollout]:
+    def generate(self, prompts: list[str], n: int, sampling: SamplingConfig,
+                 on_groups: Callable[[list[Rollout]], None] | None = None) -> list[Rollout]:
         model = self.model
         was_training = model.training
         model.eval()
@@ -86,7 +89,10 @@ class HFEngine:
             with autocast:  # model.compute_dtype: the engine samples at the precision the trainer computes in
                 for start in range(0, len(prompts), prompts_per_batch):
                     chunk = prompts[start:start + prompts_per_batch]
-                    out.extend(self._generate_chunk(chunk, start, n, sampling))
+                    done = self._generate_chunk(chunk, start, n, sampling)
+                    out.extend(done)
+                    if on_groups is not None:  # verified while the next chunk generates (lens.scoring)
+                        on_groups(done)
         finally:
             model.train(was_training)
         return out
