@@ -1,10 +1,17 @@
 #!/usr/bin/env python
-"""GPU check: a few RL steps of the real trainer, bf16 on CUDA, with a random model of Qwen2.5-0.5B's shape.
+"""GPU check: a few RL steps of the paper profile's code path, bf16 on CUDA, on a random Qwen2.5-0.5B-shaped model.
+
+The paper profile's training path: fp32 master weights with bf16 autocast, gradient checkpointing, pi_old
+recomputed by the trainer (`train.recompute_old_logprobs`), the paper's prompt through a chat template,
+token-budget micro-batches with completion-only chunked log-probs (`train.micro_batch_tokens`,
+`train.logprob_chunk_tokens`), verification overlapped with generation (`verify.overlap`). The rollout
+engine is transformers' (the device image has no vLLM).
 
 Nothing is downloaded: the model is a `Qwen2Config` with Qwen2.5-0.5B's dimensions and random weights, the
 tokenizer is the tiny profile's character tokenizer (the model's vocabulary stays at 151,936, so the
 LM head costs what it costs in the real model; sampled ids beyond the tokenizer decode to nothing), and
-the questions are synthetic. A random model almost never emits EOS, so every completion runs to
+the questions are synthetic (the char tokenizer gets a ChatML-like template whose turns end with its EOS,
+so the paper's prompt renders through `template: chat`). A random model almost never emits EOS, so every completion runs to
 max_new_tokens: the worst case, and a steady one to time. For each rollout engine configuration
 (transformers `generate` with the dynamic KV cache, then with `cache_implementation="static"`, which
 transformers compiles on CUDA) it builds a fresh `lens.train.Trainer`, runs warm-up steps (compilation
@@ -13,7 +20,11 @@ lands there), then timed steps, and reports per configuration:
   rollout_tok_s   completion tokens / rollout seconds (the trainer's perf/rollout_tok_s)
   train_tok_s     prompt+completion tokens / update seconds (fwd+bwd+AdamW; perf/train_tok_s)
   step_s          wall time of one RL step (rollout + verify + update)
-  train_tflops    6 * parameters * train_tok_s (a lower bound: padding and attention are not counted)
+  phases          per phase (generate_rollouts; verify_rollouts = the verifier's tail + pi_old recompute +
+                  advantages; update_policy = update + weight sync + record): seconds and peak GiB
+  train_tflops    6 * parameters * train_tok_s (a lower bound: padding and attention are not counted,
+                  nor checkpointing's second forward)
+  train_mfu       train_tflops / the GPU's dense bf16 peak (PEAK_TFLOPS by device name, or --peak-tflops)
   peak_mem_gib    torch.cuda.max_memory_allocated over the configuration
 
 as JSON on stdout (once, at the end) and in --out (default $OUT/gpu_check.json when $OUT is set), rewritten after each
@@ -52,12 +63,18 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, rope_theta=1e4,
             rms_norm_eps=1e-6, tie_word_embeddings=True)
 # Workload per preset: prompts x group per step, new tokens, sequences per generate call, micro batch.
+# micro_batch_tokens: the token budget of a micro-batch (about micro_batch sequences of prompt + completion).
 WORKLOADS = {
     "qwen2.5-0.5b": dict(prompts=32, group=8, max_new_tokens=256, rollout_batch=64, micro_batch=16,
-                         warmup_steps=1, steps=2),
-    "tiny": dict(prompts=4, group=4, max_new_tokens=16, rollout_batch=16, micro_batch=8,
-                 warmup_steps=1, steps=2),
+                         micro_batch_tokens=6144, warmup_steps=1, steps=2),
+    "tiny": dict(prompts=4, group=4, max_new_tokens=16, rollout_batch=8, micro_batch=8,
+                 micro_batch_tokens=1024, warmup_steps=1, steps=2),
 }
+# Dense bf16 peak TFLOP/s by device name (the first substring that matches), for the MFU.
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 125.0}
+PAPER_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ENGINES = {"dynamic": False, "static": True}  # name -> rollout.static_cache
 REQUIRED = ("torch", "transformers", "accelerate", "pydantic", "omegaconf", "numpy", "pyarrow", "safetensors")
 
@@ -69,7 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", default="dynamic,static", help="comma list of: dynamic, static")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="compute dtype (autocast over fp32 master weights); default: bfloat16 on CUDA, float32 on CPU")
-    for key in ("prompts", "group", "max_new_tokens", "rollout_batch", "micro_batch", "warmup_steps", "steps"):
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for the MFU")
+    for key in ("prompts", "group", "max_new_tokens", "rollout_batch", "micro_batch", "micro_batch_tokens",
+                "warmup_steps", "steps"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the preset's {key}")
     p.add_argument("--max-seconds", type=float, default=420.0,
                    help="skip configurations that would start after this much wall time")
@@ -85,21 +104,11 @@ def missing_packages() -> list[str]:
 class ExactMatchVerifier:
     """Stand-in reward where math-verify is not installed (device images): boxed answer == gold, as strings."""
 
-    class _Stats:
-        def __init__(self):
-            self.calls = self.correct = 0
+    def score_with_stats(self, completions, golds):
+        from lens.verify import VerifyStats
 
-        def as_dict(self):
-            return {"calls": self.calls, "correct": self.correct, "timeouts": 0, "parse_failures": 0, "errors": 0}
-
-    def __init__(self):
-        self.stats = self._Stats()
-
-    def score_batch(self, completions, golds):
         out = [float(f"\\boxed{{{g}}}" in c) for c, g in zip(completions, golds)]
-        self.stats.calls += len(out)
-        self.stats.correct += int(sum(out))
-        return out
+        return out, VerifyStats(calls=len(out), correct=int(sum(out)))
 
     def close(self):
         pass
@@ -114,6 +123,7 @@ def build_policy(preset: dict, directory: Path, dtype, device) -> int:
 
     tok = build_char_tokenizer()
     tok.model_max_length = preset["max_position_embeddings"]
+    tok.chat_template = CHAT_TEMPLATE
     cfg = dict(preset)
     cfg["vocab_size"] = -(-max(cfg["vocab_size"], len(tok)) // 64) * 64
     config = Qwen2Config(**cfg, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -139,11 +149,15 @@ def run_config(engine: str, args, work: dict, workdir: Path, n_params: int, devi
     overrides = [
         f"run.output_root={workdir}", "model.source=warm_start", "model.dtype=float32",
         f"model.compute_dtype={args.dtype}",
+        "model.gradient_checkpointing=true", "model.prompt.template=chat",
+        f"model.prompt.instruction={PAPER_INSTRUCTION}",
         "rollout.engine=hf", f"rollout.static_cache={str(ENGINES[engine]).lower()}",
         f"rollout.group_size={work['group']}", f"rollout.max_new_tokens={work['max_new_tokens']}",
         f"rollout.batch_size={work['rollout_batch']}",
         "train.algo=lens", f"train.prompts_per_step={work['prompts']}", f"train.mini_batch_size={samples}",
         f"train.micro_batch_size={min(work['micro_batch'], samples)}", "train.lr=1e-6",
+        f"train.micro_batch_tokens={work['micro_batch_tokens']}", "train.logprob_chunk_tokens=1024",
+        "train.recompute_old_logprobs=true",
         f"train.steps={work['warmup_steps'] + work['steps']}", "train.checkpoint_every=1000000",
         "verify.workers=2",
     ]
@@ -159,8 +173,10 @@ def run_config(engine: str, args, work: dict, workdir: Path, n_params: int, devi
             trainer.verifier = ExactMatchVerifier()
         setup_s = time.perf_counter() - t0
         # Trainer.train_step, not lens.loop.TrainingRun: no checkpoint writes or round manifests inside the timing.
-        warm = [trainer.train_step() for _ in range(work["warmup_steps"])]
-        timed = [trainer.train_step() for _ in range(work["steps"])]
+        phases: list[dict] = []
+        run_phase = _timed_phases(phases, device)
+        warm = [trainer.train_step(run_phase) for _ in range(work["warmup_steps"])]
+        timed = [trainer.train_step(run_phase) for _ in range(work["steps"])]
     finally:
         trainer.close()
         trainer.accelerator.free_memory()  # the Accelerator keeps references to the prepared model/optimizer
@@ -180,11 +196,51 @@ def run_config(engine: str, args, work: dict, workdir: Path, n_params: int, devi
         "warmup_rollout_tok_s": [r["perf/rollout_tok_s"] for r in warm],
         "response_len_mean": med(timed, "train/response_len_mean"),
         "train_tflops": 6 * n_params * train_tok_s / 1e12 if train_tok_s else None,
-        "steps": [{k: v for k, v in r.items() if k.startswith("perf/")} for r in warm + timed],
+        "phases": {name: {"s": statistics.median(p["s"] for p in timed_phases),
+                          "peak_gib": max(p.get("peak_gib", 0.0) for p in timed_phases)}
+                   for name in dict.fromkeys(p["phase"] for p in phases)
+                   if (timed_phases := [p for p in phases if p["phase"] == name and p["step"] > work["warmup_steps"]])},
+        "steps": [{k: v for k, v in r.items() if k.startswith(("perf/", "verify/streamed"))} for r in warm + timed],
     }
-    if device == "cuda":
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    peak = args.peak_tflops or peak_tflops(device)
+    result["train_mfu"] = result["train_tflops"] / peak if peak and result["train_tflops"] else None
+    if device == "cuda":  # the phases reset the peak: the configuration's is the largest of theirs
+        result["peak_mem_gib"] = max(p["peak_gib"] for p in phases)
     return result
+
+
+def _timed_phases(rows: list[dict], device: str):
+    """A phase runner for Trainer.train_step that records each phase's seconds and peak GPU memory."""
+    import torch
+
+    step = {"n": 0}
+
+    def run_phase(name, fn):
+        if name == "generate_rollouts":
+            step["n"] += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            row = {"step": step["n"], "phase": name}
+            if device == "cuda":
+                torch.cuda.synchronize()
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            rows.append(row | {"s": time.perf_counter() - t0})
+
+    return run_phase
+
+
+def peak_tflops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def environment(device: str) -> dict:
