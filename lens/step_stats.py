@@ -8,7 +8,9 @@ positionally and named later.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -18,6 +20,20 @@ from lens.estimators.groups import group_masks
 MEAN = {"reduce": "mean"}    # averaged over processes (each process's value describes an equal share)
 LOCAL = {"reduce": "none"}   # already the same on every process: kept as it is
 R = TypeVar("R")
+
+
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """This process's memory: on CUDA allocated / reserved / peak allocated (since the last reset); elsewhere
+    the resident set and its high-water mark (the process's lifetime)."""
+    if device.type == "cuda":
+        return {"allocated": torch.cuda.memory_allocated(device) / 2**30,
+                "reserved": torch.cuda.memory_reserved(device) / 2**30,
+                "peak": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    statm = Path("/proc/self/statm")  # Linux; elsewhere the high-water mark alone
+    rss = {"rss": int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30} if statm.exists() else {}
+    return rss | {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss: KiB on Linux
 
 
 def reduce_over_processes(record: R, accelerator) -> R:

@@ -40,7 +40,7 @@ from lens.reward_health import RewardHealth
 from lens.rollout import Rollout, SamplingConfig, make_engine, streams
 from lens.sampling import RolloutBatch, ScoredBatch, fill_batch, training_set
 from lens.scoring import RewardStream
-from lens.step_stats import RolloutCounts, UpdateStats, reduce_over_processes
+from lens.step_stats import RolloutCounts, UpdateStats, memory_gib, reduce_over_processes
 from lens.verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -358,13 +358,27 @@ class Trainer:
 
     def train_step(self, run_phase: Callable | None = None) -> dict:
         """One RL step, each phase through `run_phase(name, fn)` (default: call it); returns its metrics."""
-        run_phase = run_phase or _call
+        run_phase = self._watch_memory(run_phase or _call, self.state.step + 1)
         started = time.perf_counter()
+        if self.accelerator.device.type == "cuda":  # perf/mem_peak_gib: this step's peak
+            torch.cuda.reset_peak_memory_stats(self.accelerator.device)
         batch = run_phase("generate_rollouts", self.rollout)
         scored = run_phase("verify_rollouts", lambda: self.score(batch))
         if self.params.train.dynamic_sampling:  # drop zero-variance groups, draw more (lens.sampling)
             scored = run_phase("dynamic_sampling", lambda: fill_batch(self, scored))
         return run_phase("update_policy", lambda: self.complete_step(scored, started))
+
+    def _watch_memory(self, run_phase: Callable, step: int) -> Callable:
+        """Log this process's memory around each phase (debug level): where the engine and the trainer meet."""
+        def watched(name: str, fn: Callable):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("step %d %s: memory before %s", step, name, _gib(self.accelerator.device))
+            try:
+                return run_phase(name, fn)
+            finally:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("step %d %s: memory after %s", step, name, _gib(self.accelerator.device))
+        return watched
 
     def complete_step(self, scored: ScoredBatch, started: float) -> dict:
         """Phase 3 and the step's record: update, weight sync, step counter, rollouts parquet, metrics row."""
@@ -373,6 +387,7 @@ class Trainer:
         self.state.step += 1
         metrics |= {"train/skipped_steps": self.state.skipped_updates, "train/lr": self.scheduler.get_last_lr()[0],
                     "perf/weight_sync_s": getattr(self.engine, "last_sync_seconds", 0.0),
+                    "perf/mem_peak_gib": memory_gib(self.accelerator.device)["peak"],
                     "perf/step_s": time.perf_counter() - started}
         self.save_rollouts(scored)
         self.log_metrics(metrics)
@@ -426,3 +441,7 @@ class Trainer:
 
 def _call(name: str, fn: Callable):
     return fn()
+
+
+def _gib(device: torch.device) -> str:
+    return ", ".join(f"{k} {v:.2f} GiB" for k, v in memory_gib(device).items())

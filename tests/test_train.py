@@ -14,7 +14,8 @@ CORE_METRICS = [
     "train/reward_mean", "train/acc", "train/frac_groups_all_correct", "train/frac_groups_all_wrong",
     "train/frac_groups_mixed", "train/frac_samples_with_signal", "train/loss", "train/clip_frac", "train/kl",
     "train/entropy", "train/response_len_mean", "train/truncated_frac", "train/skipped_steps",
-    "perf/rollout_tok_s", "perf/train_tok_s", "perf/step_s",
+    "perf/rollout_tok_s", "perf/train_tok_s", "perf/step_s", "perf/mem_peak_gib", "perf/verify_busy_s",
+    "verify/streamed_frac",
 ]
 
 
@@ -46,6 +47,21 @@ def test_lens_training_writes_metrics_rollouts_checkpoints_and_final_model(tmp_p
     table = pq.read_table(out / "rollouts" / "step-000000.parquet").to_pydict()
     assert len(table["completion"]) == params.train.prompts_per_step * params.rollout.group_size
     assert set(table) >= {"problem_id", "level", "completion", "reward", "mean_logprob", "advantage"}
+
+
+def test_memory_is_logged_around_each_phase(tmp_path, caplog):
+    params = _setup(tmp_path, "train.steps=1")
+    trainer = Trainer(params)
+    try:
+        with caplog.at_level("DEBUG", logger="lens.train"):
+            metrics = trainer.train_step()
+    finally:
+        trainer.close()
+    lines = [r.getMessage() for r in caplog.records if "memory" in r.getMessage()]
+    for phase in ("generate_rollouts", "verify_rollouts", "update_policy"):
+        assert any(f"step 1 {phase}: memory before rss" in m for m in lines), lines
+        assert any(f"step 1 {phase}: memory after rss" in m for m in lines), lines
+    assert 0.05 < metrics["perf/mem_peak_gib"] < 64  # the process's high-water mark, in GiB
 
 
 def test_grpo_on_all_negative_groups_has_no_signal_and_does_not_move_the_weights(tmp_path):
