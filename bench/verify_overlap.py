@@ -95,8 +95,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
 
-    print(f"| verify.overlap | step | samples | tokens | generate (s) | then waited for the verifier (s) | "
-          f"verifier busy (s) | generate + verify (s) |\n|---|---|---|---|---|---|---|---|")
+    print("| verify.overlap | step | samples | tokens | generate (s) | then waited for the verifier (s) | "
+          "verifier busy (s) | generate + verify (s) |\n|---|---|---|---|---|---|---|---|")
     for mode in ("off", "on"):
         for i, row in enumerate(results[mode]["steps"], start=1):
             print(f"| {mode} | {i} | {row['samples']} | {row['completion_tokens']} | {row['generate_s']:.2f} | "

@@ -294,6 +294,7 @@ def evaluate_engine(params, engine, tokenizer, problems) -> dict[str, Any]:
 
     from lens.data import render_prompt
     from lens.rollout import SamplingConfig
+    from lens.scoring import generate_verifying
     from lens.verify import Verifier
 
     ev = params.eval
@@ -305,17 +306,18 @@ def evaluate_engine(params, engine, tokenizer, problems) -> dict[str, Any]:
         n = ev.samples_per_problem
         sampling = SamplingConfig(temperature=ev.temperature, top_p=ev.top_p,
                                   max_new_tokens=ev.max_new_tokens, seed=params.run.seed)
-        rollouts = engine.generate(prompts, n, sampling)
-        rewards = verifier.score_batch([r.text for r in rollouts], [golds[r.prompt_index] for r in rollouts])
+        overlap = params.verify.overlap
+        rollouts, stream = generate_verifying(engine, verifier, prompts, golds, n, sampling, overlap)
+        rewards = stream.result(rollouts).rewards
         correct = [0] * len(problems)
         for r, reward in zip(rollouts, rewards):
             correct[r.prompt_index] += int(reward)
         greedy = [None] * len(problems)
         if ev.greedy:
-            greedy_rollouts = engine.generate(prompts, 1, SamplingConfig(
-                max_new_tokens=ev.max_new_tokens, greedy=True))
-            greedy_rewards = verifier.score_batch([r.text for r in greedy_rollouts],
-                                                  [golds[r.prompt_index] for r in greedy_rollouts])
+            greedy_rollouts, stream = generate_verifying(
+                engine, verifier, prompts, golds, 1, SamplingConfig(max_new_tokens=ev.max_new_tokens, greedy=True),
+                overlap)
+            greedy_rewards = stream.result(greedy_rollouts).rewards
             for r, reward in zip(greedy_rollouts, greedy_rewards):
                 greedy[r.prompt_index] = int(reward)
         verify_stats = verifier.stats.as_dict()

@@ -14,13 +14,13 @@ def check_fsdp_support(params, fsdp: bool, fsdp2: bool) -> None:
     if params.train.kl_beta > 0:
         raise ValueError("train.kl_beta > 0 is not supported under FSDP: the frozen reference policy would be "
                          "a full, unsharded copy on every GPU (the paper's setting is kl_beta=0)")
-    if params.eval.every_steps:
-        raise ValueError("eval.every_steps is not supported under FSDP: the evaluation runs on one rank, and "
-                         "every forward pass of a sharded model is a collective; evaluate checkpoints instead")
-    if params.rollout.engine != "hf":
-        raise ValueError(f"rollout.engine={params.rollout.engine} is not supported under FSDP: the engine would "
-                         "need the full weights gathered on each rank that hosts it; use rollout.engine=hf or "
-                         "the DDP config (infra/accelerate/README.md)")
+    if params.rollout.engine not in ("hf", "vllm"):
+        raise ValueError(f"rollout.engine={params.rollout.engine} is not supported under FSDP: only hf (synced "
+                         "decode steps over the shards) and vllm (each rank's engine gets the gathered weights)")
+    if params.eval.every_steps and params.rollout.engine == "hf":
+        raise ValueError("eval.every_steps is not supported under FSDP with rollout.engine=hf: the evaluation "
+                         "runs on one rank, and every forward pass of a sharded model is a collective; use "
+                         "rollout.engine=vllm (its own copy of the weights) or evaluate checkpoints instead")
 
 
 def check_master_weights(params) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lens.rollout import Rollout
+from lens.rollout import Rollout, SamplingConfig, streams
 from lens.verify import Verifier, VerifyStats
 
 log = logging.getLogger(__name__)
@@ -117,3 +117,16 @@ class RewardStream:
         by_id = {id(r): reward for r, reward in zip(done.rollouts, done.rewards)}
         return Scores([by_id[id(r)] for r in rollouts], done.stats, wait_s=time.perf_counter() - t0,
                       busy_s=done.busy_s, streamed_items=streamed)
+
+
+def generate_verifying(engine, verifier: Verifier, prompts: list[str], golds: Sequence[str], n: int,
+                       sampling: SamplingConfig, overlap: bool = True) -> tuple[list[Rollout], RewardStream]:
+    """`engine.generate`, each finished group handed to the verifier as it comes (`overlap` and an engine that
+    streams); `stream.result(rollouts)` then gives the rewards (what was not verified yet is verified there)."""
+    stream = RewardStream(verifier, golds)
+    handover = {"on_groups": stream.add} if overlap and streams(engine) else {}
+    try:
+        return engine.generate(prompts, n, sampling, **handover), stream
+    except BaseException:
+        stream.close()
+        raise

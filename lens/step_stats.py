@@ -36,6 +36,11 @@ def memory_gib(device: torch.device) -> dict[str, float]:
     return rss | {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss: KiB on Linux
 
 
+def memory_text(device: torch.device) -> str:
+    """`memory_gib` for a log line."""
+    return ", ".join(f"{k} {v:.2f} GiB" for k, v in memory_gib(device).items())
+
+
 def reduce_over_processes(record: R, accelerator) -> R:
     """The record summed over processes (fields marked MEAN: averaged)."""
     if accelerator is None or accelerator.num_processes == 1:

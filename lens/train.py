@@ -37,10 +37,10 @@ from lens.preflight import check_fsdp_support, check_master_weights
 from lens.records import (ROLLOUT_COLUMNS, RunFiles, RunLock, append_metrics, rollout_columns, truncate_metrics,
                           write_rollouts)
 from lens.reward_health import RewardHealth
-from lens.rollout import Rollout, SamplingConfig, make_engine, streams
+from lens.rollout import Rollout, SamplingConfig, make_engine
 from lens.sampling import RolloutBatch, ScoredBatch, fill_batch, training_set
-from lens.scoring import RewardStream
-from lens.step_stats import RolloutCounts, UpdateStats, memory_gib, reduce_over_processes
+from lens.scoring import RewardStream, generate_verifying
+from lens.step_stats import RolloutCounts, UpdateStats, memory_gib, memory_text, reduce_over_processes
 from lens.verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,9 @@ class Trainer:
         rp = self.params.rollout
         sampling = SamplingConfig(temperature=rp.temperature, top_p=rp.top_p, max_new_tokens=rp.max_new_tokens,
                                   seed=_step_seed(self.params.run.seed, step, self.rank, draw + 1 if draw else 0))
-        rewards = RewardStream(self.verifier, [p.answer for p in problems])
-        overlap = {"on_groups": rewards.add} if self.params.verify.overlap and streams(self.engine) else {}
         t0 = time.perf_counter()
-        try:
-            rollouts = self.engine.generate(prompts, rp.group_size, sampling, **overlap)
-        except BaseException:
-            rewards.close()
-            raise
+        rollouts, rewards = generate_verifying(self.engine, self.verifier, prompts, [p.answer for p in problems],
+                                               rp.group_size, sampling, self.params.verify.overlap)
         return RolloutBatch(step, problems, prompts, rollouts, time.perf_counter() - t0, rewards)
 
     # ---- phase 2: verification and advantages ---------------------------------------------------
@@ -372,12 +367,12 @@ class Trainer:
         """Log this process's memory around each phase (debug level): where the engine and the trainer meet."""
         def watched(name: str, fn: Callable):
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("step %d %s: memory before %s", step, name, _gib(self.accelerator.device))
+                log.debug("step %d %s: memory before %s", step, name, memory_text(self.accelerator.device))
             try:
                 return run_phase(name, fn)
             finally:
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("step %d %s: memory after %s", step, name, _gib(self.accelerator.device))
+                    log.debug("step %d %s: memory after %s", step, name, memory_text(self.accelerator.device))
         return watched
 
     def complete_step(self, scored: ScoredBatch, started: float) -> dict:
@@ -442,6 +437,3 @@ class Trainer:
 def _call(name: str, fn: Callable):
     return fn()
 
-
-def _gib(device: torch.device) -> str:
-    return ", ".join(f"{k} {v:.2f} GiB" for k, v in memory_gib(device).items())

@@ -131,7 +131,10 @@ def test_the_paper_profile_fits_one_80_gib_gpu_only_with_its_token_budget():
 
 
 def test_llama_8b_on_8_gpus_fits_under_fsdp_and_not_under_ddp():
-    params = load_params("paper_llama")  # its rollout.batch_size is 64
+    as_shipped = memory_plan(load_params("paper_llama"), world_size=8, fsdp=True, gpu_memory_gb=80.0)
+    # vLLM engines (half of each GPU, asleep during the update) beside the sharded trainer
+    assert as_shipped["fits"] is True and as_shipped["peak_phase"] == "rollout" and as_shipped["peak_gib"] == 52.22
+    params = load_params("paper_llama", ["rollout.engine=hf", "rollout.batch_size=64"])
     fsdp = memory_plan(params, world_size=8, fsdp=True, gpu_memory_gb=80.0)
     ddp = memory_plan(params, world_size=8, fsdp=False, gpu_memory_gb=80.0)
     assert fsdp["model"]["parameters"] == 8_030_261_248
@@ -141,7 +144,7 @@ def test_llama_8b_on_8_gpus_fits_under_fsdp_and_not_under_ddp():
     assert ddp["fits"] is False and ddp["phases"]["update"]["total"] > 160
     assert "infra/accelerate/fsdp_8gpu.yaml" in memory_refusal(ddp, params)
     # 256 sequences of up to 6,144 tokens at once would need a 192 GiB KV cache.
-    as_configured = load_params("paper_llama", ["rollout.batch_size=256"])
+    as_configured = load_params("paper_llama", ["rollout.engine=hf", "rollout.batch_size=256"])
     plan = memory_plan(as_configured, 8, True, 80.0)
     assert plan["phases"]["rollout"]["hf_kv_cache"] == 192.0 and plan["fits"] is False
     assert "rollout.batch_size" in memory_refusal(plan, as_configured)

@@ -64,11 +64,6 @@ def test_the_default_engine_is_hf_built_from_the_rollout_params(tmp_path):
     assert isinstance(engine, HFEngine) and engine.batch_size == 6 and engine.synced_gpus
 
 
-def test_the_vllm_engine_refuses_a_sharded_model(tmp_path):
-    with pytest.raises(NotImplementedError, match="FSDP"):
-        make_engine(small_params(tmp_path, "rollout.engine=vllm"), None, None, synced_gpus=True)
-
-
 def test_validating_the_engine_name_imports_no_engine():
     """params validation lists the engines: that must not cost a transformers or vllm import."""
     code = ("import sys, lens.params; from lens.rollout import engine_names; print(*engine_names()); "

@@ -133,7 +133,7 @@ def test_an_update_moves_the_policy_towards_positive_advantages(tmp_path):
 @pytest.mark.parametrize("fsdp2, overrides, message", [
     (False, [], "FSDP version 1 is not supported"),
     (True, ["train.kl_beta=0.01"], "train.kl_beta > 0 is not supported under FSDP"),
-    (True, ["rollout.engine=vllm"], "rollout.engine=vllm is not supported under FSDP"),
+    (True, ["eval.every_steps=2"], "eval.every_steps is not supported under FSDP with rollout.engine=hf"),
 ])
 def test_unsupported_fsdp_setups_are_refused_with_the_reason(tmp_path, fsdp2, overrides, message):
     from lens.train import check_fsdp_support
@@ -143,3 +143,5 @@ def test_unsupported_fsdp_setups_are_refused_with_the_reason(tmp_path, fsdp2, ov
         check_fsdp_support(params, fsdp=True, fsdp2=fsdp2)
     check_fsdp_support(params, fsdp=False, fsdp2=False)  # the same settings are fine without FSDP
     check_fsdp_support(small_params(tmp_path), fsdp=True, fsdp2=True)  # the defaults are supported
+    # vLLM ranks hold gathered copies of the weights: the engine and the periodic evaluation are fine
+    check_fsdp_support(small_params(tmp_path, "rollout.engine=vllm", "eval.every_steps=2"), fsdp=True, fsdp2=True)

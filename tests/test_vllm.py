@@ -87,6 +87,38 @@ def test_samples_are_grouped_end_with_eos_or_are_flagged_truncated(setup):
     assert any(r.truncated for r in out) and any(not r.truncated for r in out)
 
 
+def test_each_group_is_handed_over_as_vllm_finishes_it(setup):
+    """`on_groups` (lens.scoring verifies what it gets while the rest generate): every group once, whole, as
+    the very objects returned, and the same samples as without it. 70 prompts x 4 samples exceed the engine's
+    max_num_seqs (rollout.batch_size, 256): vLLM runs them in two waves, and the first wave's groups are
+    handed over before the second wave has finished."""
+    params, _, _, engine, _ = setup
+    prompts = [f"Q: {i}+{i}\nA: " for i in range(70)]
+    assert len(prompts) * 4 > params.rollout.batch_size
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=7)
+    handed: list[list] = []
+    out = engine.generate(prompts, 4, cfg, on_groups=handed.append)
+    assert [r.completion_ids for r in out] == [r.completion_ids for r in engine.generate(prompts, 4, cfg)]
+    streamed = [r for batch in handed for r in batch]
+    assert sorted(map(id, streamed)) == sorted(map(id, out))
+    for batch in handed:  # whole groups: all 4 samples of each prompt in the batch
+        assert all(sum(r.prompt_index == p for r in batch) == 4 for p in {r.prompt_index for r in batch})
+    assert len(handed) >= 2 and len(handed[0]) < len(out)
+
+
+def test_a_failed_generation_leaves_nothing_queued_for_the_next(setup):
+    _, _, _, engine, _ = setup
+
+    def fail(_):
+        raise RuntimeError("the caller failed on the first group")
+
+    with pytest.raises(RuntimeError, match="first group"):
+        engine.generate(PROMPTS, 4, SamplingConfig(max_new_tokens=40, seed=1), on_groups=fail)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    out = engine.generate(PROMPTS[:1], 2, SamplingConfig(max_new_tokens=8, seed=1))
+    assert [r.prompt_index for r in out] == [0, 0]
+
+
 def test_seeded_sampling_is_reproducible_and_prompts_get_independent_noise(setup):
     _, _, _, engine, _ = setup
     cfg = SamplingConfig(max_new_tokens=8, seed=123)

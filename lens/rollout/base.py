@@ -108,7 +108,8 @@ def cut_at_eos(ids: list[int], logprobs: list[float], eos_ids: set[int]) -> tupl
 
 # ---- registry -----------------------------------------------------------------------------------
 # A factory is called as factory(params, model, tokenizer, synced_gpus=...) and returns a RolloutEngine;
-# `synced_gpus`: the model is FSDP-sharded and every rank must run every decode step (HF engine only).
+# `synced_gpus`: the model is FSDP-sharded; the HF engine then runs every decode step on every rank (the
+# vLLM engine ignores it: each rank's engine holds gathered weights and generates on its own).
 EngineFactory = Callable[..., RolloutEngine]
 
 _ENGINES: dict[str, str | EngineFactory] = {

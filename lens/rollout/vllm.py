@@ -23,8 +23,13 @@ Same contract as `HFEngine`; how each part maps onto vLLM 0.32:
 - Lengths. `max_model_len` defaults to min(the model's positions, max_new_tokens + 2048); a completion
   reaching it is truncated, a longer prompt raises vLLM's validation error.
 - Engines share vLLM's process-wide parallel state, shut down by the last one closed, so an evaluation
-  engine can live beside the trainer's. Multi-process training would need vLLM's external_launcher
-  executor and is refused for now.
+  engine can live beside the trainer's.
+- Several processes (accelerate DDP or FSDP2): every rank hosts its own engine through vLLM's
+  `external_launcher` executor (TRL's colocate mode) with tensor_parallel_size 1 and no vLLM data
+  parallelism, so vLLM's groups are one rank each and ranks generate independently (different prompts,
+  or only the main rank, as the periodic evaluation does). Building the engine is a collective (group
+  creation, KV-cache size agreed by all-reduce); so is `sync_weights` under FSDP2, which gathers the
+  sharded weights parameter by parameter. Closing keeps the trainer's default process group.
 - Sleep mode (CUDA, `rollout.vllm.sleep_between_steps`): after `generate` the engine sleeps (level 1),
   `sync_weights` wakes the weights and `generate` the KV cache, so training gets the GPU memory.
 """
@@ -43,12 +48,14 @@ import random  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lens.rollout.base import Rollout, SamplingConfig, cut_at_eos, eos_token_ids  # noqa: E402
+from lens.step_stats import memory_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +77,8 @@ class VLLMEngine:
                  max_new_tokens_hint: int = 16, **llm_kwargs):
         """`llm_kwargs` go to `vllm.LLM` as they are (e.g. block_size), overriding the defaults here."""
         global _live_engines
-        if _live_engines == 0 and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise NotImplementedError(
-                "rollout.engine=vllm runs one vLLM engine inside each training process, with its own one-process "
-                "torch.distributed group; under a multi-process launch that needs vLLM's external_launcher "
-                "executor, which is not implemented yet: use rollout.engine=hf with several processes")
+        self.rank, world = _process_group()
+        self.external_launcher = world > 1
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.on_cuda = torch.cuda.is_available()
@@ -104,6 +107,13 @@ class VLLMEngine:
         )
         if self.sleep_between_steps:
             kwargs["enable_sleep_mode"] = True
+        if self.external_launcher:
+            # One engine per rank in the trainer's process group: vLLM's executor reads RANK / LOCAL_RANK
+            # (set by torchrun and accelerate launch). Unseeded requests get a stream per rank.
+            os.environ.setdefault("RANK", str(self.rank))
+            os.environ.setdefault("LOCAL_RANK", str(self.rank))
+            kwargs |= dict(distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                           seed=seed + self.rank)
         kwargs |= llm_kwargs
         try:
             with _preserve_process_state():
@@ -112,8 +122,9 @@ class VLLMEngine:
             shutil.rmtree(self._config_dir, ignore_errors=True)
             raise
         _live_engines += 1
-        log.info("vLLM engine: max_model_len=%d, max_num_seqs=%d, dtype=%s, kv_cache_bytes=%s, sleep=%s",
-                 self.max_model_len, max_num_seqs, dtype, kv_cache_memory_bytes, self.sleep_between_steps)
+        log.info("vLLM engine (rank %d of %d): max_model_len=%d, max_num_seqs=%d, dtype=%s, kv_cache_bytes=%s, "
+                 "sleep=%s; %s", self.rank, world, self.max_model_len, max_num_seqs, dtype, kv_cache_memory_bytes,
+                 self.sleep_between_steps, memory_text(_device()))
         from vllm.v1.engine.core_client import InprocClient
 
         if not isinstance(self.llm.llm_engine.engine_core, InprocClient):
@@ -124,9 +135,8 @@ class VLLMEngine:
 
     @classmethod
     def from_params(cls, params, model, tokenizer, synced_gpus: bool = False, **llm_kwargs) -> VLLMEngine:
-        if synced_gpus:
-            raise NotImplementedError("rollout.engine=vllm cannot sample from an FSDP-sharded model: the engine "
-                                      "needs the full weights; use rollout.engine=hf under FSDP")
+        """`synced_gpus` (FSDP) needs nothing here: each rank's engine generates on its own, and
+        `sync_weights` gathers the shards."""
         vp = params.rollout.vllm
         return cls(
             model, tokenizer, dtype=params.model.compute_dtype, seed=params.run.seed,
@@ -140,20 +150,28 @@ class VLLMEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Copy `model`'s current weights into the engine; the time taken is `last_sync_seconds`."""
         t0 = time.perf_counter()
+        log.debug("vLLM sync_weights start: %s", memory_text(_device()))
         if "weights" in self._asleep:
+            _free_cached_memory()
             self.llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
         # A generator over the live tensors: the in-process worker reads them one by one (no full copy).
-        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        weights = _full_weights(model)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        for _ in weights:  # gathers vLLM left unread: every rank must join every FSDP all-gather
+            pass
         # Cached prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
         if self.on_cuda:
             torch.cuda.synchronize()
         self.last_sync_seconds = time.perf_counter() - t0
+        log.debug("vLLM sync_weights done in %.2f s: %s", self.last_sync_seconds, memory_text(_device()))
 
     # ---- sampling -------------------------------------------------------------------------------
-    def generate(self, prompts: list[str], n: int, sampling: SamplingConfig) -> list[Rollout]:
+    def generate(self, prompts: list[str], n: int, sampling: SamplingConfig,
+                 on_groups: Callable[[list[Rollout]], None] | None = None) -> list[Rollout]:
+        """All prompts go to vLLM at once; each group is handed to `on_groups` as soon as vLLM finishes it
+        (vLLM's own step loop, as `LLM.generate` runs it), so it can be verified while the rest generate."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -168,32 +186,59 @@ class VLLMEngine:
                                          seed=_prompt_seed(sampling.seed, i), **common)
                           for i in range(len(prompts))]
         self._wake()
+        log.debug("vLLM generate: %d prompts x %d: %s", len(prompts), reps, memory_text(_device()))
+        groups: list[list[Rollout] | None] = [None] * len(prompts)
+        engine, prompt_of, internal = self.llm.llm_engine, {}, {}
         try:
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], per_prompt,
-                                        use_tqdm=False)
+            request_ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], per_prompt,
+                                           use_tqdm=False)
+            # enqueue returns vLLM's internal ids ("<counter>-<8 random chars>"); outputs carry the counter
+            internal = dict(zip((rid.rsplit("-", 1)[0] for rid in request_ids), request_ids))
+            prompt_of = {external: p for p, external in enumerate(internal)}
+            while engine.has_unfinished_requests():
+                finished = []
+                for out in engine.step():
+                    if out.finished:
+                        p = prompt_of[out.request_id]
+                        groups[p] = self._group(p, out, prompt_ids[p], reps)
+                        finished += groups[p]
+                if finished and on_groups is not None:
+                    on_groups(finished)
+        except BaseException:
+            unfinished = [internal[rid] for rid, p in prompt_of.items() if groups[p] is None]
+            if unfinished:  # the next call must not receive this one's leftovers
+                engine.abort_request(unfinished, internal=True)
+            raise
         finally:
+            log.debug("vLLM generate done: %s", memory_text(_device()))
             self._sleep()
+        missing = [p for p, g in enumerate(groups) if g is None]
+        if missing:
+            raise RuntimeError(f"vLLM finished without outputs for prompts {missing[:5]}")
+        return [r for g in groups for r in g]
 
+    def _group(self, p: int, out, prompt_ids: list[int], reps: int) -> list[Rollout]:
+        """The rollouts of prompt `p` from vLLM's finished request `out`, in sample order."""
+        samples = sorted(out.outputs, key=lambda c: c.index)
+        if len(samples) != reps:
+            raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {p}, expected {reps}")
         rollouts = []
-        for p, out in enumerate(outputs):
-            samples = sorted(out.outputs, key=lambda c: c.index)
-            if len(samples) != reps:
-                raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {p}, expected {reps}")
-            for c in samples:
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vLLM finished a sample with {c.finish_reason!r}")
-                token_ids = list(c.token_ids)
-                logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, token_ids)]
-                ids, lps, _ = cut_at_eos(token_ids, logprobs, self.eos_ids)
-                rollouts.append(Rollout(
-                    prompt_index=p, prompt_ids=list(prompt_ids[p]), completion_ids=ids,
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True), logprobs=lps,
-                    truncated=c.finish_reason == "length"))
+        for c in samples:
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM finished a sample with {c.finish_reason!r}")
+            token_ids = list(c.token_ids)
+            logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, token_ids)]
+            ids, lps, _ = cut_at_eos(token_ids, logprobs, self.eos_ids)
+            rollouts.append(Rollout(
+                prompt_index=p, prompt_ids=list(prompt_ids), completion_ids=ids,
+                text=self.tokenizer.decode(ids, skip_special_tokens=True), logprobs=lps,
+                truncated=c.finish_reason == "length"))
         return rollouts
 
     # ---- GPU memory between phases ----------------------------------------------------------------
     def _wake(self) -> None:
         if self._asleep:
+            _free_cached_memory()
             self.llm.wake_up(tags=sorted(self._asleep))
             self._asleep.clear()
 
@@ -207,7 +252,7 @@ class VLLMEngine:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             _live_engines -= 1
-            _shutdown(llm.llm_engine.engine_core, last=_live_engines == 0)
+            _shutdown(llm.llm_engine.engine_core, last=_live_engines == 0, keep_default_group=self.external_launcher)
             del llm
             gc.collect()
             if self.on_cuda:
@@ -238,9 +283,10 @@ for _name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.rendere
     logging.getLogger(_name).addFilter(_ExpectedWarnings())
 
 
-def _shutdown(client, last: bool) -> None:
-    """Free an in-process engine core; keep the shared parallel state while other engines use it."""
-    if last:
+def _shutdown(client, last: bool, keep_default_group: bool) -> None:
+    """Free an in-process engine core; keep the shared parallel state while other engines use it, and
+    torch's default process group when it is the trainer's (`keep_default_group`)."""
+    if last and not keep_default_group:
         client.shutdown()  # EngineCore.shutdown also runs vLLM's cleanup_dist_env_and_memory
         return
     finalizer = getattr(client, "_finalizer", None)
@@ -251,6 +297,44 @@ def _shutdown(client, last: bool) -> None:
     core.model_executor.shutdown()
     core.scheduler.shutdown()
     gc.unfreeze()  # the engine core gc.freeze()s its start-up objects (weights, KV cache)
+    if last:
+        # vLLM's destroy_distributed_environment would also destroy torch's default group, which
+        # accelerate owns: destroy only vLLM's own groups (subgroups; destroying them is local).
+        from vllm.distributed import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+        parallel_state._WORLD = parallel_state._NODE_COUNT = None
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the trainer's torch.distributed group; (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _full_weights(model: torch.nn.Module):
+    """(name, tensor) over `model`'s state dict, FSDP2 shards (DTensor) gathered one parameter at a time
+    (never the whole model at once); each gather is a collective, so all ranks walk the same names in order."""
+    from torch.distributed.tensor import DTensor
+
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _free_cached_memory() -> None:
+    """Hand the trainer's cached CUDA blocks back before vLLM wakes (verl does the same), or its weights
+    and KV cache may not fit beside the trainer's allocator cache."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _prompt_seed(seed: int | None, index: int) -> int | None:
