@@ -1,10 +1,11 @@
 """Checkpoints of an RL run: everything needed to continue bit-for-bit on CPU.
 
-A checkpoint directory `checkpoints/step-NNNNNN/` holds the weights (`model/`, HF safetensors), the
-optimizer (`optimizer.pt`, name-keyed), the scheduler (`scheduler.pt`) and `trainer_state.json` (step
-counters and RNG states); `checkpoints/latest` names the newest complete one. Whole (gathered) state
-dicts are written by rank 0 whatever the backend (one process, DDP, FSDP2), so a checkpoint written by
-any of them loads into any other.
+A checkpoint directory `checkpoints/step-NNNNNN/` holds the model and optimizer state, the scheduler
+(`scheduler.pt`), `trainer_state.json` (step counters and RNG states) and `manifest.json` (checksums,
+written last); `checkpoints/latest` names the newest complete one. One process writes whole state dicts
+(`model/`, HF safetensors; `optimizer.pt`, name-keyed); several (DDP, FSDP2) write sharded ones, each rank
+its part (`dcp/`, lens.checkpoint_sharded), as gathering fp32 masters and Adam states of a 3B model on
+rank 0 would need ~37 GB a checkpoint. Either format loads into any number of processes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from lens.checkpoint_sharded import collective_atomic_directory, is_sharded, load_sharded, save_sharded
 from lens.params import ParamsError, flatten
 from lens.records import atomic_directory, atomic_write_text, read_manifest, write_manifest
 
@@ -74,7 +77,21 @@ class Checkpointer:
     def usable(self) -> Path | None:
         """The newest checkpoint whose manifest verifies: `latest`'s, else the newest complete `step-*`
         (with a warning naming both). None when there is none at all; CheckpointError when checkpoints exist
-        but none is usable (nothing is deleted either way)."""
+        but none is usable (nothing is deleted either way). A collective under several processes."""
+        if self.accelerator.num_processes > 1:
+            # Rank 0 alone hashes the files and tells the others: N ranks would read a sharded checkpoint N times.
+            found = [self._find_usable() if self.accelerator.is_main_process else None]
+            broadcast_object_list(found)
+            path, manifest, error = found[0]
+        else:
+            path, manifest, error = self._find_usable()
+        if error:
+            raise CheckpointError(error)
+        if path is not None:
+            self._verified[path] = manifest
+        return path
+
+    def _find_usable(self) -> tuple[Path | None, dict | None, str | None]:
         pointer = self.directory / "latest"
         named = self.directory / pointer.read_text().strip() if pointer.is_file() else None
         steps = sorted((p for p in self.directory.glob("step-*") if p.is_dir()), reverse=True)
@@ -82,18 +99,19 @@ class Checkpointer:
         problems = []
         for path in candidates:
             try:
-                self._verified[path] = read_manifest(path)
+                manifest = read_manifest(path)
             except ValueError as exc:
                 problems.append(f"{path.name}: {exc}")
                 continue
             if problems:
                 log.warning("checkpoint %s is not usable (%s); resuming from %s instead", candidates[0],
                             "; ".join(problems), path)
-            return path
+            return path, manifest, None
         if problems:
-            raise CheckpointError(f"no usable checkpoint in {self.directory} ({'; '.join(problems)}); nothing was "
-                                  "deleted: restore a checkpoint, or start afresh without --resume")
-        return None
+            return None, None, (f"no usable checkpoint in {self.directory} ({'; '.join(problems)}); nothing was "
+                                "deleted: restore a checkpoint, or start afresh without --resume")
+        return None, None, None
+
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -105,33 +123,41 @@ class Checkpointer:
 
     def save(self, step: int, counters: dict) -> Path:
         """Write to a temporary directory, then rename: a kill mid-write never leaves a half checkpoint.
-        A collective: every rank calls it (the state dicts are gathered)."""
+        A collective: every rank calls it (it writes its shards, or the state dicts are gathered)."""
         self.accelerator.wait_for_everyone()
         name = f"step-{step:06d}"
         final = self.directory / name
-        model_state = get_model_state_dict(self.model, options=FULL_ON_RANK0_CPU)
-        optim_state = get_optimizer_state_dict(self.model, self._torch_optimizer, options=FULL_ON_RANK0_CPU)
-        if self.accelerator.is_main_process:
+        if self.accelerator.num_processes > 1:
+            with collective_atomic_directory(final, self.accelerator) as tmp:
+                save_sharded(tmp, self.model, self._torch_optimizer)  # every rank's part written on return
+                if self.accelerator.is_main_process:
+                    self._save_training_state(tmp, step, counters)
+        else:
+            model_state = get_model_state_dict(self.model, options=FULL_ON_RANK0_CPU)
+            optim_state = get_optimizer_state_dict(self.model, self._torch_optimizer, options=FULL_ON_RANK0_CPU)
             with atomic_directory(final) as tmp:
                 self._save_model(tmp / "model", model_state)
                 torch.save(optim_state, tmp / "optimizer.pt")
-                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-                rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
-                       "torch": torch.get_rng_state().tolist()}
-                (tmp / "trainer_state.json").write_text(json.dumps(counters | {"rng": rng}))
-                write_manifest(tmp, step=step, params=self.fingerprint)  # last: it vouches for the rest
+                self._save_training_state(tmp, step, counters)
+            del model_state, optim_state
+        if self.accelerator.is_main_process:
             atomic_write_text(self.directory / "latest", name)
             kept = sorted(p for p in self.directory.glob("step-*") if p.is_dir())
             for old in kept[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        del model_state, optim_state
         self.accelerator.wait_for_everyone()
         return final
 
+    def _save_training_state(self, tmp: Path, step: int, counters: dict) -> None:
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
+               "torch": torch.get_rng_state().tolist()}
+        (tmp / "trainer_state.json").write_text(json.dumps(counters | {"rng": rng}))
+        write_manifest(tmp, step=step, params=self.fingerprint)  # last: it vouches for the rest
+
     def load(self, path: Path) -> dict:
-        """Restore model, optimizer, scheduler and RNG from `path`; returns the saved counters."""
-        # With several processes rank 0 alone reads the files and broadcasts them (for FSDP, each rank keeps
-        # its shard): N ranks reading an 8B checkpoint at once would hold N copies in host memory.
+        """Restore model, optimizer, scheduler and RNG from `path` (either format, any number of processes;
+        a collective); returns the saved counters."""
         manifest = self._verified.pop(path, None) or read_manifest(path)
         saved = manifest.get("params", {})
         changed = sorted(k for k in saved.keys() | self.fingerprint.keys() if saved.get(k) != self.fingerprint.get(k))
@@ -140,6 +166,23 @@ class Checkpointer:
             raise ParamsError(f"--resume with other params than checkpoint {path} was trained with: {shown}"
                               f"{' ...' if len(changed) > 8 else ''}; resume with the run's values (these may "
                               f"change: {', '.join(RESUMABLE_CHANGES)}) or start a new run")
+        if is_sharded(path):
+            load_sharded(path, self.model, self._torch_optimizer)
+        else:
+            self._load_full(path)
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        counters = json.loads((path / "trainer_state.json").read_text())
+        rng = counters.pop("rng")
+        random.setstate(_tupled(rng["python"]))
+        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        # A failure mid-backward (a retried round) leaves gradients behind; the next update must not add them.
+        self.optimizer.zero_grad(set_to_none=True)
+        return counters
+
+    def _load_full(self, path: Path) -> None:
+        # With several processes rank 0 alone reads the files and broadcasts them (for FSDP, each rank keeps
+        # its shard): N ranks reading an 8B checkpoint at once would hold N copies in host memory.
         broadcast = self.accelerator.num_processes > 1
         reader = self.accelerator.is_main_process or not broadcast
         weights, optim_state = {}, {}
@@ -158,15 +201,6 @@ class Checkpointer:
         set_model_state_dict(self.model, weights, options=options)
         set_optimizer_state_dict(self.model, self._torch_optimizer, optim_state, options=options)
         del weights, optim_state
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        counters = json.loads((path / "trainer_state.json").read_text())
-        rng = counters.pop("rng")
-        random.setstate(_tupled(rng["python"]))
-        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-        # A failure mid-backward (a retried round) leaves gradients behind; the next update must not add them.
-        self.optimizer.zero_grad(set_to_none=True)
-        return counters
 
     def save_final(self, path: Path) -> Path:
         """The policy alone, as a standard transformers directory (collective, like `save`)."""

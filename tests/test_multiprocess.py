@@ -231,8 +231,8 @@ def one_process_run(tmp_path_factory):
 def test_two_processes_with_the_same_global_batch_match_one_process(backend, one_process_run, tmp_path):
     """DDP and FSDP2, each run as a user would after a crash: 2 steps, then `--resume` for the third.
 
-    So the two-process checkpoint (gathered weights and optimizer state) is written by one launch and read
-    back, sharded again, by the next; a mistake there changes the third step's update.
+    So the two-process checkpoint (sharded weights and optimizer state) is written by one launch and read
+    back by the next; a mistake there changes the third step's update.
     """
     p1, two = one_process_run, tmp_path / "two"
     _setup(two, *EQUIVALENCE)
@@ -264,8 +264,10 @@ def test_two_processes_with_the_same_global_batch_match_one_process(backend, one
     # warm-up over 1 update then linear decay to 0 at update 3: the LR *after* each step's update
     assert [r["train/lr"] for r in rows1] == pytest.approx([1e-3, 5e-4, 0.0])
 
-    # The checkpoints hold whole, name-keyed optimizer state whatever the backend (FSDP's shards gathered).
-    opt1, opt2 = (torch_load(out / "checkpoints" / "step-000003" / "optimizer.pt") for out in (out1, out2))
+    # One process writes whole, name-keyed optimizer state; two write it sharded (torch.distributed.checkpoint),
+    # read back here as whole tensors with torch's converter: the same names and values.
+    opt1 = torch_load(out1 / "checkpoints" / "step-000003" / "optimizer.pt")
+    opt2 = gathered_dcp(out2 / "checkpoints" / "step-000003", tmp_path)["optimizer"]
     assert opt1["state"].keys() == opt2["state"].keys() and len(opt1["state"]) > 0
     for name, s1 in opt1["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
@@ -285,6 +287,15 @@ def torch_load(path: Path):
     import torch
 
     return torch.load(path, weights_only=True)
+
+
+def gathered_dcp(checkpoint: Path, scratch: Path) -> dict:
+    """A sharded checkpoint's whole state, converted by torch (dcp_to_torch_save) and loaded weights_only."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    dcp_to_torch_save(checkpoint / "dcp", scratch / "gathered.pt")
+    return torch_load(scratch / "gathered.pt")
 
 
 def test_paper_dry_run_prints_the_batch_arithmetic_and_loads_nothing(tmp_path):
