@@ -362,6 +362,9 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_model(tmp_path):
     for run in report["runs"]:
         assert run["ok"], run
         assert run["rollout_tok_s"] > 0 and run["train_tok_s"] > 0 and run["step_s"] > 0
+        assert list(run["phases"]) == ["generate_rollouts", "verify_rollouts", "update_policy"]
+        assert all(phase["s"] > 0 for phase in run["phases"].values())
+        assert all(step["verify/streamed_frac"] == 1.0 for step in run["steps"])  # 2 engine batches a step
 
 
 if __name__ == "__main__":  # the CLI with sharding-independent sampling (and --fsdp-on-cpu), for the tests above
