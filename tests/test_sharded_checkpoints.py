@@ -46,11 +46,26 @@ def assert_same_tensors(a: dict, b: dict, what: str) -> None:
             assert value == b[key], f"{what}.{key}: {value!r} != {b[key]!r}"
 
 
+_BUILT: dict[str, SimpleNamespace] = {}
+
+
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])
 def runs(request, tmp_path_factory):
-    """Per backend: an uninterrupted 3-step run, and one stopped after 2 steps (a copy kept as it was then)
-    and resumed for the third."""
-    backend, root = request.param, tmp_path_factory.mktemp(request.param)
+    return _runs(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """The DDP runs alone, for what one backend shows for both (the same objects `runs` gives for ddp)."""
+    return _runs("ddp", tmp_path_factory)
+
+
+def _runs(backend: str, tmp_path_factory) -> SimpleNamespace:
+    """Per backend, built once: an uninterrupted 3-step run, and one stopped after 2 steps (a copy kept as
+    it was then) and resumed for the third."""
+    if backend in _BUILT:
+        return _BUILT[backend]
+    root = tmp_path_factory.mktemp(backend)
     whole, resumed, stopped = root / "whole", root / "resumed", root / "stopped"
     for run in (whole, resumed):
         _setup(run, *EQUIVALENCE)
@@ -58,9 +73,10 @@ def runs(request, tmp_path_factory):
     _train(resumed, backend, "--max-steps", "2")
     shutil.copytree(resumed, stopped)
     _train(resumed, backend, "--resume")
-    return SimpleNamespace(backend=backend, whole=RunFiles(whole / "tiny" / "lens"),
-                           resumed=RunFiles(resumed / "tiny" / "lens"), stopped=stopped,
-                           scratch=tmp_path_factory.mktemp(f"{backend}-scratch"))
+    _BUILT[backend] = SimpleNamespace(backend=backend, whole=RunFiles(whole / "tiny" / "lens"),
+                                      resumed=RunFiles(resumed / "tiny" / "lens"), stopped=stopped,
+                                      scratch=tmp_path_factory.mktemp(f"{backend}-scratch"))
+    return _BUILT[backend]
 
 
 def _copy_of_stopped(runs, tmp_path: Path):
@@ -165,10 +181,10 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(runs, damage, tmp
     assert "step-000002" in warning and "step-000001" in warning
 
 
-def test_two_processes_refuse_a_damaged_shard_together(runs, tmp_path):
-    """usable() under two processes: rank 0 checks, both resume from the same older checkpoint."""
-    if runs.backend != "ddp":
-        pytest.skip("one backend is enough for the collective choice")
+def test_two_processes_refuse_a_damaged_shard_together(ddp_runs, tmp_path):
+    """usable() under two processes: rank 0 checks, both resume from the same older checkpoint (the choice
+    is the same collective under both backends: DDP shows it)."""
+    runs = ddp_runs
     _, files = _copy_of_stopped(runs, tmp_path)
     shard = files.checkpoints / "step-000002" / DCP_DIR / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-100])
@@ -180,11 +196,11 @@ def test_two_processes_refuse_a_damaged_shard_together(runs, tmp_path):
                         "final")
 
 
-def test_a_kill_before_the_manifest_leaves_nothing_usable_behind(runs, tmp_path):
+def test_a_kill_before_the_manifest_leaves_nothing_usable_behind(ddp_runs, tmp_path):
     """SIGKILL of rank 0 after every rank wrote its shards, before the manifest: the half-written directory
-    is not a checkpoint; --resume continues from the previous one and the run ends as the uninterrupted one."""
-    if runs.backend != "ddp":
-        pytest.skip("the save path is the same for both backends")
+    is not a checkpoint; --resume continues from the previous one and the run ends as the uninterrupted one.
+    (The save path is the same for both backends: DDP shows it.)"""
+    runs = ddp_runs
     from lens.checkpoint import Checkpointer
 
     _, files = _copy_of_stopped(runs, tmp_path)
