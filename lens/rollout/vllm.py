@@ -30,6 +30,9 @@ Same contract as `HFEngine`; how each part maps onto vLLM 0.32:
   or only the main rank, as the periodic evaluation does). Building the engine is a collective (group
   creation, KV-cache size agreed by all-reduce); so is `sync_weights` under FSDP2, which gathers the
   sharded weights parameter by parameter. Closing keeps the trainer's default process group.
+- Streaming. `generate` enqueues every prompt and runs vLLM's step loop itself (as `LLM.generate` does), so
+  each group can go to `on_groups` (the verifier, lens.scoring) the moment vLLM finishes it; a failure
+  aborts the requests left, so the next call starts clean.
 - Sleep mode (CUDA, `rollout.vllm.sleep_between_steps`): after `generate` the engine sleeps (level 1),
   `sync_weights` wakes the weights and `generate` the KV cache, so training gets the GPU memory.
 """
