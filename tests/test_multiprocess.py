@@ -216,31 +216,25 @@ EQUIVALENCE_ARGS = ["train", "--profile", "tiny", *SMALL, *NO_TRACKING, *EQUIVAL
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
     """The reference: the same 3 steps in this process, with the same sharding-independent sampling."""
-    from lens import cli
+    from tests.shared_runs import one_process_runs
 
-    root = tmp_path_factory.mktemp("one")
-    params = _setup(root, *EQUIVALENCE)
-    with pytest.MonkeyPatch.context() as mp:
-        install_group_seeded_engine(mp.setattr)
-        assert cli.main([*EQUIVALENCE_ARGS, f"run.output_root={root}"]) == 0
-    return params
+    return small_params(one_process_runs(tmp_path_factory) / "whole", *EQUIVALENCE)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
-def test_two_processes_with_the_same_global_batch_match_one_process(backend, one_process_run, tmp_path):
+def test_two_processes_with_the_same_global_batch_match_one_process(backend, one_process_run, tmp_path_factory,
+                                                                     tmp_path):
     """DDP and FSDP2, each run as a user would after a crash: 2 steps, then `--resume` for the third.
 
     So the two-process checkpoint (sharded weights and optimizer state) is written by one launch and read
-    back by the next; a mistake there changes the third step's update.
+    back by the next; a mistake there changes the third step's update. (The runs are tests/shared_runs.py's,
+    which tests/test_sharded_checkpoints.py also checks.)
     """
-    p1, two = one_process_run, tmp_path / "two"
-    _setup(two, *EQUIVALENCE)
-    seam = ["--fsdp-on-cpu"] if backend == "fsdp" else []
-    accelerate_launch("tests.test_multiprocess", [*seam, *EQUIVALENCE_ARGS, f"run.output_root={two}", "--max-steps", "2"])
-    accelerate_launch("tests.test_multiprocess", [*seam, *EQUIVALENCE_ARGS, f"run.output_root={two}", "--resume"])
+    from tests.shared_runs import two_process_runs
 
-    out1, out2 = p1.algo_dir("lens"), (two / "tiny" / "lens")
+    p1 = one_process_run
+    out1, out2 = p1.algo_dir("lens"), two_process_runs(backend, tmp_path_factory).resumed.dir
     summary = json.loads((out2 / "train_summary.json").read_text())
     assert summary["distributed"] == {"type": "FSDP" if backend == "fsdp" else "MULTI_CPU", "processes": 2}
     assert summary["done"] and summary["step"] == 3

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,15 +23,11 @@ from lens.checkpoint_sharded import DCP_DIR, MetadataUnpickler
 from lens.records import RunFiles, read_manifest, read_metrics
 from tests.conftest import PROJECT_ROOT
 from tests.helpers import small_params
-from tests.test_multiprocess import (ATOL_LOGPROB, CPU_CONFIG, EQUIVALENCE, EQUIVALENCE_ARGS, RTOL_TRAIN, _setup,
-                                     accelerate_launch, gathered_dcp, install_group_seeded_engine, probe_logprobs)
+from tests.shared_runs import one_process_runs, train_two_processes, two_process_runs
+from tests.test_multiprocess import (ATOL_LOGPROB, CPU_CONFIG, EQUIVALENCE, EQUIVALENCE_ARGS, RTOL_TRAIN, gathered_dcp,
+                                     install_group_seeded_engine, probe_logprobs)
 
 pytestmark = pytest.mark.slow
-
-
-def _train(root: Path, backend: str, *extra: str) -> subprocess.CompletedProcess:
-    seam = ["--fsdp-on-cpu"] if backend == "fsdp" else []
-    return accelerate_launch("tests.test_multiprocess", [*seam, *EQUIVALENCE_ARGS, f"run.output_root={root}", *extra])
 
 
 def assert_same_tensors(a: dict, b: dict, what: str) -> None:
@@ -46,37 +41,15 @@ def assert_same_tensors(a: dict, b: dict, what: str) -> None:
             assert value == b[key], f"{what}.{key}: {value!r} != {b[key]!r}"
 
 
-_BUILT: dict[str, SimpleNamespace] = {}
-
-
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])
 def runs(request, tmp_path_factory):
-    return _runs(request.param, tmp_path_factory)
+    return two_process_runs(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     """The DDP runs alone, for what one backend shows for both (the same objects `runs` gives for ddp)."""
-    return _runs("ddp", tmp_path_factory)
-
-
-def _runs(backend: str, tmp_path_factory) -> SimpleNamespace:
-    """Per backend, built once: an uninterrupted 3-step run, and one stopped after 2 steps (a copy kept as
-    it was then) and resumed for the third."""
-    if backend in _BUILT:
-        return _BUILT[backend]
-    root = tmp_path_factory.mktemp(backend)
-    whole, resumed, stopped = root / "whole", root / "resumed", root / "stopped"
-    for run in (whole, resumed):
-        _setup(run, *EQUIVALENCE)
-    _train(whole, backend)
-    _train(resumed, backend, "--max-steps", "2")
-    shutil.copytree(resumed, stopped)
-    _train(resumed, backend, "--resume")
-    _BUILT[backend] = SimpleNamespace(backend=backend, whole=RunFiles(whole / "tiny" / "lens"),
-                                      resumed=RunFiles(resumed / "tiny" / "lens"), stopped=stopped,
-                                      scratch=tmp_path_factory.mktemp(f"{backend}-scratch"))
-    return _BUILT[backend]
+    return two_process_runs("ddp", tmp_path_factory)
 
 
 def _copy_of_stopped(runs, tmp_path: Path):
@@ -188,7 +161,7 @@ def test_two_processes_refuse_a_damaged_shard_together(ddp_runs, tmp_path):
     _, files = _copy_of_stopped(runs, tmp_path)
     shard = files.checkpoints / "step-000002" / DCP_DIR / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-100])
-    proc = _train(tmp_path / "run", "ddp", "--resume")
+    proc = train_two_processes(tmp_path / "run", "ddp", "--resume")
     assert "resuming from" in proc.stderr and "__1_0.distcp does not match its checksum" in proc.stderr
     assert "resumed from" in proc.stderr and "(step 1)" in proc.stderr
     assert [r["step"] for r in read_metrics(files.metrics)] == [1, 2, 3]
@@ -220,7 +193,7 @@ def test_a_kill_before_the_manifest_leaves_nothing_usable_behind(ddp_runs, tmp_p
         num_processes, is_main_process = 1, True
 
     assert Checkpointer(files.checkpoints, OneProcess(), None, None, None, None, keep=2).usable().name == "step-000002"
-    _train(root, "ddp", "--resume")
+    train_two_processes(root, "ddp", "--resume")
     assert [r["step"] for r in read_metrics(files.metrics)] == [1, 2, 3]
     assert not list(files.dir.rglob(".tmp-*"))
     assert_same_tensors(load_file(runs.whole.final / "model.safetensors"), load_file(files.final / "model.safetensors"),
@@ -276,15 +249,7 @@ def test_a_checkpoint_that_would_run_code_on_load_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """In this process: an uninterrupted 3-step run, and one stopped after 2 steps (whole-format checkpoints)."""
-    from lens import cli
-
-    root = tmp_path_factory.mktemp("one-process")
-    with pytest.MonkeyPatch.context() as mp:
-        install_group_seeded_engine(mp.setattr)
-        for name, extra in (("whole", []), ("stopped", ["--max-steps", "2"])):
-            _setup(root / name, *EQUIVALENCE)
-            assert cli.main([*EQUIVALENCE_ARGS, f"run.output_root={root / name}", *extra]) == 0
-    return root
+    return one_process_runs(tmp_path_factory)
 
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
@@ -295,7 +260,7 @@ def test_a_one_process_checkpoint_resumes_in_two_processes(one_process, backend,
     shutil.copytree(one_process / "stopped", root)
     files, whole = RunFiles(root / "tiny" / "lens"), RunFiles(one_process / "whole" / "tiny" / "lens")
     assert (files.checkpoints / "step-000002" / "optimizer.pt").exists()
-    _train(root, backend, "--resume")
+    train_two_processes(root, backend, "--resume")
     rows, expected = read_metrics(files.metrics), read_metrics(whole.metrics)
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["train/loss"] for r in rows[:2]] == \
            [r["train/loss"] for r in expected[:2]]
