@@ -59,25 +59,18 @@ class RewardStream:
         self._queue.put(list(rollouts))
 
     def _work(self) -> None:
-        stop = False
-        while not stop:
-            batch = self._queue.get()
-            if batch is _STOP:
-                return
-            while True:  # everything that has arrived meanwhile, in one call: fewer round trips to the workers
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop = True
-                    break
-                batch += more
-            if self._error is None:
+        while True:
+            items = [self._queue.get()]
+            while items[-1] is not _STOP and not self._queue.empty():  # all that arrived meanwhile, in one call
+                items.append(self._queue.get_nowait())               # (fewer round trips to the workers)
+            batch = [r for item in items if item is not _STOP for r in item]
+            if batch and self._error is None:
                 try:
                     self._score(batch, self._done)
                 except BaseException as exc:  # re-raised by result(), in the trainer's thread
                     self._error = exc
+            if items[-1] is _STOP:
+                return
 
     def _score(self, rollouts: list[Rollout], into: _Scored) -> None:
         t0 = time.perf_counter()
@@ -108,10 +101,9 @@ class RewardStream:
         arrived = {id(r) for r in done.rollouts}
         if arrived - expected or len(arrived) != len(done.rollouts):
             log.debug("verify stream: the engine streamed rollouts it did not return; verifying them all again")
-            done = _Scored()
+            done, arrived = _Scored(), set()
         streamed = len(done.rollouts)
-        scored = {id(r) for r in done.rollouts}
-        missing = [r for r in rollouts if id(r) not in scored]
+        missing = [r for r in rollouts if id(r) not in arrived]
         if missing:
             self._score(missing, done)
         by_id = {id(r): reward for r, reward in zip(done.rollouts, done.rewards)}

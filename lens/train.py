@@ -237,10 +237,12 @@ class Trainer:
         if tp.micro_batch_tokens is None:
             return [idx[i:i + tp.micro_batch_size] for i in range(0, len(idx), tp.micro_batch_size)]
         lengths = {i: len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids) for i in idx}
-        count = len(token_budget_split(lengths, tp.micro_batch_tokens))
+        micro = token_budget_split(lengths, tp.micro_batch_tokens)
         if self.world > 1:
-            count = int(self.accelerator.gather(torch.tensor([count], device=self.accelerator.device)).max().item())
-        return token_budget_split(lengths, tp.micro_batch_tokens, min_count=count)
+            count = self.accelerator.gather(torch.tensor([len(micro)], device=self.accelerator.device)).max().item()
+            if count > len(micro):
+                micro = token_budget_split(lengths, tp.micro_batch_tokens, min_count=int(count))
+        return micro
 
     def _logprobs(self, model, input_ids, attention, with_entropy=False, mask=None):
         """Log-probs [B, T-1], entropy (no gradient); train.logprob_chunk_tokens: on `mask` only (lens.logprobs)."""

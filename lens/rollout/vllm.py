@@ -153,7 +153,7 @@ class VLLMEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Copy `model`'s current weights into the engine; the time taken is `last_sync_seconds`."""
         t0 = time.perf_counter()
-        log.debug("vLLM sync_weights start: %s", memory_text(_device()))
+        _debug_memory("vLLM sync_weights start")
         if "weights" in self._asleep:
             _free_cached_memory()
             self.llm.wake_up(tags=["weights"])
@@ -168,7 +168,7 @@ class VLLMEngine:
         if self.on_cuda:
             torch.cuda.synchronize()
         self.last_sync_seconds = time.perf_counter() - t0
-        log.debug("vLLM sync_weights done in %.2f s: %s", self.last_sync_seconds, memory_text(_device()))
+        _debug_memory(f"vLLM sync_weights done in {self.last_sync_seconds:.2f} s")
 
     # ---- sampling -------------------------------------------------------------------------------
     def generate(self, prompts: list[str], n: int, sampling: SamplingConfig,
@@ -189,7 +189,6 @@ class VLLMEngine:
                                          seed=_prompt_seed(sampling.seed, i), **common)
                           for i in range(len(prompts))]
         self._wake()
-        log.debug("vLLM generate: %d prompts x %d: %s", len(prompts), reps, memory_text(_device()))
         groups: list[list[Rollout] | None] = [None] * len(prompts)
         engine, prompt_of, internal = self.llm.llm_engine, {}, {}
         try:
@@ -213,7 +212,6 @@ class VLLMEngine:
                 engine.abort_request(unfinished, internal=True)
             raise
         finally:
-            log.debug("vLLM generate done: %s", memory_text(_device()))
             self._sleep()
         missing = [p for p, g in enumerate(groups) if g is None]
         if missing:
@@ -338,6 +336,12 @@ def _free_cached_memory() -> None:
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _debug_memory(what: str) -> None:
+    """Memory around the weight sync (the trainer logs it around each phase, generation included)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s: %s", what, memory_text(_device()))
 
 
 def _prompt_seed(seed: int | None, index: int) -> int | None:
